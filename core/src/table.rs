@@ -1,0 +1,211 @@
+//! Block tables: the seed's `BlockTable` (fixed), and batch exports in the
+//! shapes attention kernels read.
+//!
+//! Fixes to the seed's `BlockTable`:
+//! - `blocks_needed_for_length` computed `(length + block_size - 1) /
+//!   block_size`, which overflows near `usize::MAX` and divides by zero for a
+//!   zero block size; here it is `div_ceil` and returns an error for zero.
+//! - `logical_to_physical` was always the identity and is dropped (state that
+//!   can be derived).
+//! - `new` with a zero block size is refused instead of producing a table
+//!   every method of which divides by zero.
+//! - `extend_sequence` checks its addition, and reports a typed error.
+
+use crate::error::{Error, Result};
+use crate::hash::BlockHasher;
+use crate::ids::{BlockId, SeqId};
+use crate::seq::{HOLE, KvCache};
+
+/// The seed's block table: an owned snapshot of a sequence's blocks.
+#[cfg(feature = "alloc")]
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct BlockTable {
+    /// Physical blocks in logical order ([`HOLE`] where a window dropped one).
+    pub physical_blocks: alloc::vec::Vec<BlockId>,
+    /// Tokens stored.
+    pub sequence_length: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+}
+
+#[cfg(feature = "alloc")]
+impl BlockTable {
+    /// An empty table. Refuses a zero block size.
+    pub fn new(block_size: usize) -> Result<Self> {
+        if block_size == 0 {
+            return Err(Error::ZeroTokensPerBlock);
+        }
+        Ok(Self {
+            physical_blocks: alloc::vec::Vec::new(),
+            sequence_length: 0,
+            block_size,
+        })
+    }
+
+    /// Blocks in the table.
+    pub fn num_blocks(&self) -> usize {
+        self.physical_blocks.len()
+    }
+
+    /// Blocks needed to hold `length` tokens. Cannot overflow.
+    pub fn blocks_needed_for_length(length: usize, block_size: usize) -> Result<usize> {
+        if block_size == 0 {
+            return Err(Error::ZeroTokensPerBlock);
+        }
+        Ok(length.div_ceil(block_size))
+    }
+
+    /// Whether the last block has room for another token.
+    pub fn has_free_space(&self) -> bool {
+        self.free_tokens() > 0
+    }
+
+    /// Token slots left in the table's blocks.
+    pub fn free_tokens(&self) -> usize {
+        self.num_blocks()
+            .saturating_mul(self.block_size)
+            .saturating_sub(self.sequence_length)
+    }
+
+    /// Appends blocks.
+    pub fn add_blocks(&mut self, blocks: &[BlockId]) {
+        self.physical_blocks.extend_from_slice(blocks);
+    }
+
+    /// Grows the length if the blocks hold it.
+    pub fn extend_sequence(&mut self, additional_tokens: usize) -> Result<()> {
+        let new_len = self
+            .sequence_length
+            .checked_add(additional_tokens)
+            .ok_or(Error::LengthOverflow)?;
+        let needed = Self::blocks_needed_for_length(new_len, self.block_size)?;
+        if needed > self.num_blocks() {
+            return Err(Error::OutOfBlocks {
+                needed: u32::try_from(needed - self.num_blocks()).unwrap_or(u32::MAX),
+                available: 0,
+            });
+        }
+        self.sequence_length = new_len;
+        Ok(())
+    }
+}
+
+fn check_out(needed: usize, provided: usize) -> Result<()> {
+    if provided < needed {
+        Err(Error::OutputTooSmall { needed, provided })
+    } else {
+        Ok(())
+    }
+}
+
+fn to_i32(b: BlockId) -> Result<i32> {
+    i32::try_from(b.0).map_err(|_| Error::LengthOverflow)
+}
+
+impl<H: BlockHasher> KvCache<'_, H> {
+    /// An owned snapshot of a sequence's table in the seed's shape.
+    #[cfg(feature = "alloc")]
+    pub fn block_table(&self, id: SeqId) -> Result<BlockTable> {
+        let info = self.info(id)?;
+        Ok(BlockTable {
+            physical_blocks: self.table(id)?.to_vec(),
+            sequence_length: info.tokens as usize,
+            block_size: self.config().tokens_per_block as usize,
+        })
+    }
+
+    /// vLLM-style `block_tables`: a `seqs.len() × max_blocks` row-major i32
+    /// matrix, rows padded (and window holes filled) with `pad`.
+    pub fn export_block_tables(
+        &self,
+        seqs: &[SeqId],
+        max_blocks: usize,
+        pad: i32,
+        out: &mut [i32],
+    ) -> Result<()> {
+        check_out(seqs.len().saturating_mul(max_blocks), out.len())?;
+        for &s in seqs {
+            check_out(self.table(s)?.len(), max_blocks)?;
+        }
+        for (row, &s) in out.chunks_exact_mut(max_blocks.max(1)).zip(seqs) {
+            let t = self.table(s)?;
+            for (o, &b) in row
+                .iter_mut()
+                .zip(t.iter().chain(core::iter::repeat(&HOLE)))
+            {
+                *o = if b == HOLE { pad } else { to_i32(b)? };
+            }
+        }
+        Ok(())
+    }
+
+    /// vLLM-style `slot_mapping` of the last `new_tokens` tokens of each
+    /// sequence (the tokens this step writes): `block × tokens_per_block +
+    /// offset`, concatenated. Returns the entries written.
+    pub fn export_slot_mapping(&self, seqs: &[(SeqId, u32)], out: &mut [i64]) -> Result<usize> {
+        let mut needed = 0usize;
+        for &(s, n) in seqs {
+            let info = self.info(s)?;
+            if n > info.tokens || info.tokens - n < info.first_live * self.config().tokens_per_block
+            {
+                return Err(Error::TooManyTokens {
+                    requested: u64::from(n),
+                    available: info.tokens,
+                });
+            }
+            needed += n as usize;
+        }
+        check_out(needed, out.len())?;
+        let bs = self.config().tokens_per_block;
+        let mut k = 0;
+        for &(s, n) in seqs {
+            let info = self.info(s)?;
+            let t = self.table(s)?;
+            for pos in info.tokens - n..info.tokens {
+                let b = t[(pos / bs) as usize];
+                out[k] = i64::from(b.0) * i64::from(bs) + i64::from(pos % bs);
+                k += 1;
+            }
+        }
+        Ok(k)
+    }
+
+    /// FlashInfer-style paged KV indices: `indptr` (`seqs.len() + 1`),
+    /// `indices` (the live blocks of each sequence, concatenated) and
+    /// `last_page_len`. Returns the number of indices written.
+    pub fn export_flashinfer(
+        &self,
+        seqs: &[SeqId],
+        indptr: &mut [i32],
+        indices: &mut [i32],
+        last_page_len: &mut [i32],
+    ) -> Result<usize> {
+        check_out(seqs.len() + 1, indptr.len())?;
+        check_out(seqs.len(), last_page_len.len())?;
+        let mut total = 0usize;
+        for &s in seqs {
+            let info = self.info(s)?;
+            total += (info.blocks - info.first_live) as usize;
+        }
+        check_out(total, indices.len())?;
+        let i32_of = |x: usize| i32::try_from(x).map_err(|_| Error::LengthOverflow);
+        let bs = self.config().tokens_per_block;
+        let mut k = 0usize;
+        indptr[0] = 0;
+        for (j, &s) in seqs.iter().enumerate() {
+            let info = self.info(s)?;
+            for &b in &self.table(s)?[info.first_live as usize..] {
+                indices[k] = to_i32(b)?;
+                k += 1;
+            }
+            indptr[j + 1] = i32_of(k)?;
+            last_page_len[j] = if info.blocks == 0 {
+                0
+            } else {
+                i32_of((info.tokens - (info.blocks - 1) * bs) as usize)?
+            };
+        }
+        Ok(k)
+    }
+}
