@@ -774,8 +774,18 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         let last =
             (s.blocks > s.first_live).then(|| self.tables[row_start + s.blocks as usize - 1]);
         let p = &mut self.pools[pi];
+        // The partly filled last block is written in place only if this
+        // sequence is its sole holder and it is not published under a key (a
+        // shorter sequence may hold a prefix of a full, registered block,
+        // after `share_prefix`): otherwise copy-on-write.
         let cow_src = match last {
-            Some(b) if n > 0 && s.tokens % bs != 0 && p.ref_count(b)? > 1 => Some(b),
+            Some(b)
+                if n > 0
+                    && s.tokens % bs != 0
+                    && (p.ref_count(b)? > 1 || p.key_of(b)?.is_some()) =>
+            {
+                Some(b)
+            }
             _ => None,
         };
         let need = add + u32::from(cow_src.is_some());
@@ -838,7 +848,7 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
             }
             _ => slot.hashing = false,
         }
-        let window_freed = self.apply_window(&mut slot, pi, row_start)?;
+        let window_freed = self.apply_window(&mut slot, pi, row_start, s.tokens)?;
         self.seqs[id.index as usize] = slot;
         Ok(Appended {
             new_blocks: add,
@@ -857,16 +867,27 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         let mut slot = *s;
         slot.window = tokens;
         let w = self.config.max_blocks_per_seq as usize;
-        let freed = self.apply_window(&mut slot, pi, id.index as usize * w)?;
+        let written = slot.tokens;
+        let freed = self.apply_window(&mut slot, pi, id.index as usize * w, written)?;
         self.seqs[id.index as usize] = slot;
         Ok(freed)
     }
 
-    fn apply_window(&mut self, slot: &mut SeqSlot, pi: usize, row_start: usize) -> Result<u32> {
+    /// Releases the blocks wholly before the window. Only blocks whose KV is
+    /// already written (wholly before `written` tokens) go: a block that
+    /// receives tokens of the current step stays until the next one, or it
+    /// would be published (and reusable) before its KV exists.
+    fn apply_window(
+        &mut self,
+        slot: &mut SeqSlot,
+        pi: usize,
+        row_start: usize,
+        written: u32,
+    ) -> Result<u32> {
         if slot.window == 0 || slot.tokens <= slot.window {
             return Ok(0);
         }
-        let start = slot.tokens - slot.window;
+        let start = (slot.tokens - slot.window).min(written);
         let keep_from = (start / self.config.tokens_per_block).min(slot.blocks);
         let mut freed = 0;
         while slot.first_live < keep_from {
@@ -1059,9 +1080,6 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         }
         let src = self.pool_index(PoolId(s.pool))?;
         let dst = self.pool_index(to)?;
-        if src == dst {
-            return Err(Error::SamePool(to));
-        }
         let (sk, dk) = (self.pools[src].kind(), self.pools[dst].kind());
         match kind {
             MoveKind::SwapOut if sk != PoolKind::Device => return Err(Error::NotOnDevice(id)),
@@ -1069,6 +1087,9 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
             MoveKind::SwapIn if sk != PoolKind::Host => return Err(Error::NotSwappedOut(id)),
             MoveKind::SwapIn if dk != PoolKind::Device => return Err(Error::WrongPoolKind(to)),
             _ => {}
+        }
+        if src == dst {
+            return Err(Error::SamePool(to));
         }
         let n = s.blocks - s.first_live;
         if n > self.pools[dst].capacity() {
