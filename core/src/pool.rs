@@ -21,9 +21,9 @@
 //! A slot is 24 bytes: the 128-bit key, and two `u32` words that are `prev`
 //! and `next` links while the block is in a list, the reference count while it
 //! is held (the top two bits of the second word hold the state). The prefix
-//! index adds 1.5 buckets of 4 bytes per block. Total: **30 bytes per block**,
+//! index adds 1.5 entries of 4 bytes per block. Total: **30 bytes per block**,
 //! counted by `size_of::<BlockSlot>() + 4 * buckets_for(n) / n` (see the
-//! `metadata_bytes_per_block` test).
+//! `metadata_bytes_per_block` test; small pools round up to whole buckets).
 
 use crate::error::{Error, Result};
 use crate::events::{EventQueue, KvEvent};
@@ -148,6 +148,10 @@ pub enum Registered {
     /// block at once); the block stays unkeyed and returns to the free stack
     /// when released. The index is untouched.
     Duplicate(BlockId),
+    /// The index found no room without a long displacement chain (at most
+    /// 2/3 load with 8-way buckets, this essentially never happens); the
+    /// block stays unkeyed, a missed caching opportunity and nothing worse.
+    IndexFull,
 }
 
 /// A broken internal invariant, found by `check_invariants`.
@@ -250,7 +254,7 @@ impl<'a> BlockPool<'a> {
         Ok(Self {
             config,
             slots,
-            index: PrefixIndex::new(index),
+            index: PrefixIndex::new(index, capacity),
             free_head: 0,
             free_len: capacity,
             evict_head: NIL,
@@ -436,8 +440,7 @@ impl<'a> BlockPool<'a> {
             let i = self.evict_head;
             self.evict_unlink(i);
             let key = self.slots[i as usize].key();
-            let slots = &self.slots;
-            let removed = self.index.remove(key, i, |e| slots[e as usize].key());
+            let removed = self.index.remove(key, i);
             debug_assert!(removed);
             self.stats.evictions += 1;
             crate::fmt::trace!("pool {}: evicted block {}", self.config.id.0, i);
@@ -658,10 +661,12 @@ impl<'a> BlockPool<'a> {
         if let Some(other) = self.lookup(key) {
             return Ok(Registered::Duplicate(other));
         }
-        let s = &mut self.slots[b.index()];
-        s.set_key(key);
-        s.set(USED_KEYED, 0);
-        self.index.insert_unique(key, b.0);
+        self.slots[b.index()].set_key(key);
+        let slots = &self.slots;
+        if !self.index.insert_unique(key, b.0, |e| slots[e as usize].key()) {
+            return Ok(Registered::IndexFull);
+        }
+        self.slots[b.index()].set(USED_KEYED, 0);
         self.events.stored(self.config.id, parent, key);
         Ok(Registered::Stored)
     }
@@ -674,8 +679,7 @@ impl<'a> BlockPool<'a> {
         let i = self.evict_head;
         self.evict_unlink(i);
         let key = self.slots[i as usize].key();
-        let slots = &self.slots;
-        self.index.remove(key, i, |e| slots[e as usize].key());
+        self.index.remove(key, i);
         self.stats.evictions += 1;
         self.events.removed(self.config.id, key);
         self.free_push(i);
@@ -813,7 +817,7 @@ mod tests {
     #[test]
     fn metadata_bytes_per_block() {
         assert_eq!(core::mem::size_of::<BlockSlot>(), 24);
-        for n in [1u32, 7, 64, 8192, 1 << 20] {
+        for n in [64u32, 1000, 8192, 1 << 20, 3_000_001] {
             let bytes = core::mem::size_of::<BlockSlot>() * n as usize + 4 * buckets_for(n);
             assert!(bytes as f64 / f64::from(n) <= 32.0, "{n}: {bytes}");
         }
