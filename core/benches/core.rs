@@ -9,6 +9,8 @@
 //!   expanded to 32 16-token blocks, on an 8,192-block pool, one request at a
 //!   time (lookup, allocate, register, free); keys precomputed (hashing
 //!   excluded); throughput per request.
+#![allow(missing_docs, reason = "criterion macros generate undocumented items")]
+#![allow(clippy::cast_possible_truncation, reason = "trace lengths fit in u32")]
 
 use std::hint::black_box;
 use std::path::PathBuf;

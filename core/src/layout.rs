@@ -10,6 +10,10 @@
 //! - [`BlockOrder::LayerMajor`]: each (layer, K/V) pair is its own array of `N`
 //!   parts, what vLLM-style kernels index with a block table. One block copy is
 //!   `2 × layers` byte ranges.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "counts narrowed here were checked against u32 limits"
+)]
 
 use crate::error::{Error, Result};
 use crate::ids::BlockId;

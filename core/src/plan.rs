@@ -2,6 +2,10 @@
 //! [`ValidatedBatch`]: every block in bounds, no target written twice, and
 //! (within one region) no block both read and written, so copies of one batch
 //! may run in any order or in parallel.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "block indices are u32 by construction"
+)]
 
 use crate::error::{Error, Result};
 use crate::ids::BlockId;

@@ -24,6 +24,10 @@
 //! index adds 1.5 entries of 4 bytes per block. Total: **30 bytes per block**,
 //! counted by `size_of::<BlockSlot>() + 4 * buckets_for(n) / n` (see the
 //! `metadata_bytes_per_block` test; small pools round up to whole buckets).
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "block indices fit in 30 bits: the constructor refuses pools over MAX_BLOCKS; key halves are split on purpose"
+)]
 
 use crate::error::{Error, Result};
 use crate::events::{EventQueue, KvEvent};
@@ -213,7 +217,7 @@ pub struct BlockPool<'a> {
 
 impl<'a> BlockPool<'a> {
     /// A pool over caller storage: one slot per block, and an index table of
-    /// at least [`buckets_for`]`(slots.len())` entries.
+    /// at least [`buckets_for`](crate::buckets_for)`(slots.len())` entries.
     pub fn new(
         config: PoolConfig,
         slots: impl Into<Slots<'a, BlockSlot>>,
@@ -888,7 +892,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if held.len() < 40 && x % 3 != 0 {
+            if held.len() < 40 && !x.is_multiple_of(3) {
                 let key = BlockHash(u128::from(x % 97));
                 let b = match p.acquire(key) {
                     Some(b) => b,

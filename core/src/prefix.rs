@@ -18,6 +18,10 @@
 //! control byte per bucket costs up to 11.4 bytes per block, which alone
 //! breaks the budget of 32 bytes of metadata per block; this table costs 6,
 //! needs no allocator, and its removal (the eviction path) never probes.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "bucket indices are below the table length (fast range reduction); key halves are split on purpose"
+)]
 
 use crate::ids::BlockHash;
 use crate::storage::Slots;
@@ -153,10 +157,10 @@ impl<'a> PrefixIndex<'a> {
         let mut path = [0usize; MAX_KICKS];
         let mut carried = e;
         let mut b = b1;
-        for step in 0..MAX_KICKS {
+        for slot in path.iter_mut() {
             self.rotor = self.rotor.wrapping_add(1);
             let pos = b * WAYS + (self.rotor as usize % WAYS);
-            path[step] = pos;
+            *slot = pos;
             carried = core::mem::replace(&mut self.table[pos], carried);
             let (k1, k2) = self.buckets_of(key_of(carried & self.id_mask()));
             b = if k1 == b { k2 } else { k1 };

@@ -23,6 +23,10 @@
 //! tokens are known, because a caller runs the step that computes it before
 //! any later step can read it. Moves publish their target blocks only at
 //! commit, so a failed transfer can never be hit.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "block and token counts are checked against u32 limits (table rows, pool capacity, LengthOverflow) before narrowing"
+)]
 
 use core::num::NonZeroU32;
 
@@ -62,7 +66,7 @@ impl CacheConfig {
         if self.max_seqs == 0 || self.max_blocks_per_seq == 0 {
             return Err(Error::ZeroCapacity);
         }
-        if self.max_seqs >= NIL || self.max_plans >= NIL {
+        if self.max_seqs == NIL || self.max_plans == NIL {
             return Err(Error::CapacityTooLarge {
                 requested: u64::from(self.max_seqs.max(self.max_plans)),
                 max: NIL - 1,

@@ -10,6 +10,10 @@
 //! - `new` with a zero block size is refused instead of producing a table
 //!   every method of which divides by zero.
 //! - `extend_sequence` checks its addition, and reports a typed error.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "counts narrowed here were checked against u32 limits by the cache"
+)]
 
 use crate::error::{Error, Result};
 use crate::hash::BlockHasher;

@@ -1,6 +1,7 @@
 //! Shared helpers of pagedkv's integration tests: cache construction and a
 //! fingerprint of all observable state, to assert that refused operations
 //! change nothing.
+#![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
 use pagedkv_core::{
     BlockId, BlockPool, CacheConfig, KvCache, PoolConfig, PoolId, PoolStats, SeqId, SeqInfo,

@@ -1,6 +1,7 @@
 //! Bad input, one test per case: each call returns a typed error naming the
 //! reason, and changes nothing (invariants hold, every observable of the
 //! cache, stats included, is as before).
+#![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
 use pagedkv_core::{
     BatchValidator, BlockCopy, BlockHash, BlockId, BlockOrder, BlockPool, BlockSlot, BlockTable,
@@ -411,7 +412,7 @@ fn out_of_blocks_loses_nothing() {
 
 #[test]
 fn export_into_short_buffers() {
-    let (mut c, a, b, _) = setup();
+    let (c, a, b, _) = setup();
     let mut out = [0i32; 5];
     refused!(
         c,

@@ -1,4 +1,5 @@
 //! What an engine relies on, one behaviour per test.
+#![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
 use pagedkv_core::{BlockHash, CacheConfig, CacheSalt, HOLE, KvEvent, MmItem, PoolId, Prompt};
 use pagedkv_tests::cache_with;

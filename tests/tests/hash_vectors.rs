@@ -1,6 +1,7 @@
 //! Test vectors of the block-key hashes: keys are stable across releases and
 //! platforms. A change here breaks every persisted or fleet-shared key: it
 //! needs a new hasher name, not an edit of these numbers.
+#![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
 use pagedkv_core::{
     BlockHash, BlockHasher, CacheSalt, ExtraKeys, MmItem, Sha256BlockHasher, SipBlockHasher,

@@ -15,6 +15,7 @@
 //!
 //! The number of cases is `PAGEDKV_MODEL_CASES` (default 3,500 cases of
 //! 1–600 operations, 300 on average: over 1,000,000 operations per run).
+#![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
 use std::collections::HashMap;
 
@@ -437,10 +438,7 @@ impl Model {
                 } else {
                     Some(CacheSalt(99))
                 };
-                let target = match self.cache.create(info.pool, salt) {
-                    Ok(t) => t,
-                    Err(e) => return Err(e),
-                };
+                let target = self.cache.create(info.pool, salt)?;
                 self.add_seq(
                     target,
                     MSeq {
