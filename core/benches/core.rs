@@ -139,7 +139,10 @@ fn load_mooncake() -> Option<Vec<Request>> {
 
 fn trace_benches(c: &mut Criterion) {
     let Some(reqs) = load_mooncake() else {
-        eprintln!("trace/mooncake_16 skipped: no mooncake_conversation.jsonl under {:?}", traces_dir());
+        eprintln!(
+            "trace/mooncake_16 skipped: no mooncake_conversation.jsonl under {:?}",
+            traces_dir()
+        );
         return;
     };
     let mut g = c.benchmark_group("trace");
@@ -174,7 +177,9 @@ fn trace_benches(c: &mut Criterion) {
             |cache| {
                 let mut hits = 0u64;
                 for r in &reqs {
-                    let a = cache.allocate(PoolId(0), &Prompt::keys(&r.keys, r.len)).unwrap();
+                    let a = cache
+                        .allocate(PoolId(0), &Prompt::keys(&r.keys, r.len))
+                        .unwrap();
                     hits += u64::from(a.hit_blocks);
                     cache.free(a.seq).unwrap();
                 }
@@ -186,5 +191,11 @@ fn trace_benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pool_benches, hash_benches, prefix_benches, trace_benches);
+criterion_group!(
+    benches,
+    pool_benches,
+    hash_benches,
+    prefix_benches,
+    trace_benches
+);
 criterion_main!(benches);

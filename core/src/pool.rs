@@ -32,7 +32,7 @@
 use crate::error::{Error, Result};
 use crate::events::{EventQueue, KvEvent};
 use crate::ids::{BlockHash, BlockId, PoolId};
-use crate::prefix::{PrefixIndex, buckets_for};
+use crate::prefix::{Insert, PrefixIndex, buckets_for};
 use crate::stats::PoolStats;
 use crate::storage::Slots;
 
@@ -662,17 +662,19 @@ impl<'a> BlockPool<'a> {
             USED_KEYED => return Err(Error::AlreadyRegistered(b)),
             _ => return Err(Error::BlockNotInUse(b)),
         }
-        if let Some(other) = self.lookup(key) {
-            return Ok(Registered::Duplicate(other));
-        }
+        // The key is written first: a displacement may need it. While the
+        // state says unkeyed, the stored key bits mean nothing.
         self.slots[b.index()].set_key(key);
         let slots = &self.slots;
-        if !self.index.insert_unique(key, b.0, |e| slots[e as usize].key()) {
-            return Ok(Registered::IndexFull);
+        match self.index.insert(key, b.0, |e| slots[e as usize].key()) {
+            Insert::Exists(other) => Ok(Registered::Duplicate(BlockId(other))),
+            Insert::Full => Ok(Registered::IndexFull),
+            Insert::Inserted => {
+                self.slots[b.index()].set(USED_KEYED, 0);
+                self.events.stored(self.config.id, parent, key);
+                Ok(Registered::Stored)
+            }
         }
-        self.slots[b.index()].set(USED_KEYED, 0);
-        self.events.stored(self.config.id, parent, key);
-        Ok(Registered::Stored)
     }
 
     /// Evicts the least recently used cached block to the free stack. O(1).

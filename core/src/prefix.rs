@@ -27,6 +27,14 @@ use crate::ids::BlockHash;
 use crate::storage::Slots;
 
 pub(crate) const EMPTY: u32 = u32::MAX;
+
+/// Outcome of [`PrefixIndex::insert`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Insert {
+    Inserted,
+    Exists(u32),
+    Full,
+}
 const WAYS: usize = 8;
 const MAX_KICKS: usize = 32;
 
@@ -72,12 +80,18 @@ impl<'a> PrefixIndex<'a> {
 
     #[inline]
     fn id_mask(&self) -> u32 {
-        if self.id_bits >= 32 { u32::MAX } else { (1 << self.id_bits) - 1 }
+        if self.id_bits >= 32 {
+            u32::MAX
+        } else {
+            (1 << self.id_bits) - 1
+        }
     }
 
     #[inline]
     fn entry(&self, key: BlockHash, block: u32) -> u32 {
-        let tag = ((key.0 >> 96) as u32).checked_shl(self.id_bits).unwrap_or(0);
+        let tag = ((key.0 >> 96) as u32)
+            .checked_shl(self.id_bits)
+            .unwrap_or(0);
         (tag & !self.id_mask()) | block
     }
 
@@ -135,23 +149,50 @@ impl<'a> PrefixIndex<'a> {
         (m != 0).then(|| m.trailing_zeros() as usize)
     }
 
-    /// Inserts `block` under `key`, which the caller checked is absent.
-    /// Returns false (and changes nothing) if no room could be made.
-    pub(crate) fn insert_unique(
+    /// Inserts `block` under `key` unless `key` is present (one pass over
+    /// the two buckets finds an existing entry and a free way at once).
+    pub(crate) fn insert(
         &mut self,
         key: BlockHash,
         block: u32,
         key_of: impl Fn(u32) -> BlockHash,
-    ) -> bool {
+    ) -> Insert {
         let (b1, b2) = self.buckets_of(key);
         let e = self.entry(key, block);
+        let mask = self.id_mask();
+        let mut free = None;
         for b in [b1, b2] {
-            if let Some(w) = self.free_way(b) {
-                self.table[b * WAYS + w] = e;
-                self.len += 1;
-                return true;
+            let bucket = self.bucket(b);
+            let mut hits = Self::matches(bucket, !mask, e & !mask);
+            while hits != 0 {
+                let id = bucket[hits.trailing_zeros() as usize] & mask;
+                if id != mask && key_of(id) == key {
+                    return Insert::Exists(id);
+                }
+                hits &= hits - 1;
+            }
+            if free.is_none() {
+                let m = Self::matches(bucket, u32::MAX, EMPTY);
+                if m != 0 {
+                    free = Some(b * WAYS + m.trailing_zeros() as usize);
+                }
             }
         }
+        if let Some(pos) = free {
+            self.table[pos] = e;
+            self.len += 1;
+            return Insert::Inserted;
+        }
+        if self.displace(b1, e, key_of) {
+            Insert::Inserted
+        } else {
+            Insert::Full
+        }
+    }
+
+    /// Makes room for `e` in bucket `b1` by moving entries to their other
+    /// bucket along a bounded path; undone if it fails.
+    fn displace(&mut self, b1: usize, e: u32, key_of: impl Fn(u32) -> BlockHash) -> bool {
         // Cuckoo path: displace entries to their other bucket, remembering
         // each swap so a failed path can be undone.
         let mut path = [0usize; MAX_KICKS];
@@ -233,17 +274,22 @@ mod tests {
         let key_of = |b: u32| keys[b as usize];
         let mut idx = PrefixIndex::new(Slots::owned(2 * WAYS, 0), 64);
         for b in 0..16 {
-            assert!(idx.insert_unique(keys[b as usize], b, key_of), "{b}");
+            assert_eq!(
+                idx.insert(keys[b as usize], b, key_of),
+                Insert::Inserted,
+                "{b}"
+            );
         }
         let before: std::vec::Vec<u32> = idx.table.to_vec();
-        assert!(!idx.insert_unique(keys[16], 16, key_of));
+        assert_eq!(idx.insert(keys[16], 16, key_of), Insert::Full);
+        assert_eq!(idx.insert(keys[5], 5, key_of), Insert::Exists(5));
         assert_eq!(&idx.table[..], &before[..], "failed insert undone");
         for b in 0..16 {
             assert_eq!(idx.find(keys[b as usize], key_of), Some(b));
         }
         assert!(idx.remove(keys[3], 3));
         assert_eq!(idx.find(keys[3], key_of), None);
-        assert!(idx.insert_unique(keys[16], 16, key_of));
+        assert_eq!(idx.insert(keys[16], 16, key_of), Insert::Inserted);
         assert_eq!(idx.find(keys[16], key_of), Some(16));
         assert_eq!(idx.len(), 16);
     }
@@ -255,11 +301,14 @@ mod tests {
         let key_of = |b: u32| keys[b as usize];
         let mut idx = PrefixIndex::new(Slots::owned(buckets_for(n), 0), n);
         for b in 0..n {
-            assert!(idx.insert_unique(keys[b as usize], b, key_of));
+            assert_eq!(idx.insert(keys[b as usize], b, key_of), Insert::Inserted);
         }
         for b in 0..n {
             assert_eq!(idx.find(keys[b as usize], key_of), Some(b));
-            assert!(idx.reachable(keys[b as usize], idx.entries().find(|&(_, e)| e == b).unwrap().0));
+            assert!(idx.reachable(
+                keys[b as usize],
+                idx.entries().find(|&(_, e)| e == b).unwrap().0
+            ));
         }
     }
 }

@@ -668,10 +668,7 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
             let got = p.acquire_block(b);
             debug_assert!(got);
         }
-        for k in hits..nblocks {
-            let b = p.allocate_one()?;
-            self.tables[row_start + k as usize] = b;
-        }
+        p.allocate(&mut self.tables[row_start + hits as usize..row_start + nblocks as usize])?;
         let mut keyed = hits;
         if matchable > 0 {
             let mut next_key = first_miss;

@@ -32,7 +32,12 @@ fn run() -> Option<u32> {
     let mut pending = [0u32; 4 * 4];
     let mut plans = [PlanSlot::EMPTY; 1];
     let mut targets = [HOLE; 16];
-    let config = CacheConfig { tokens_per_block: 4, max_seqs: 4, max_blocks_per_seq: 16, max_plans: 1 };
+    let config = CacheConfig {
+        tokens_per_block: 4,
+        max_seqs: 4,
+        max_blocks_per_seq: 16,
+        max_plans: 1,
+    };
     let storage = CacheStorage {
         seqs: (&mut seqs).into(),
         tables: (&mut tables).into(),
@@ -40,7 +45,8 @@ fn run() -> Option<u32> {
         plans: (&mut plans).into(),
         plan_targets: (&mut targets).into(),
     };
-    let mut cache = KvCache::new(config, storage, SipBlockHasher::new(*b"nostd-check-key!")).ok()?;
+    let mut cache =
+        KvCache::new(config, storage, SipBlockHasher::new(*b"nostd-check-key!")).ok()?;
     let pool = BlockPool::new(PoolConfig::device(0, 4), &mut slots, &mut index).ok()?;
     let gpu = cache.add_pool(pool).ok()?;
     let prompt = [1u32, 2, 3, 4, 5, 6, 7, 8, 9, 10];
