@@ -606,22 +606,41 @@ impl Model {
     }
 }
 
-fn cases() -> u32 {
+fn cases() -> Option<u32> {
     std::env::var("PAGEDKV_MODEL_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3_500)
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 20_000, ..ProptestConfig::default() })]
-
-    #[test]
-    fn cache_matches_model(ops in prop::collection::vec(op(), 1..=600)) {
+/// Runs the model against random operation sequences; by default at least
+/// 1,000,000 operations in all (asserted), or `PAGEDKV_MODEL_CASES` cases.
+#[test]
+fn cache_matches_model() {
+    use proptest::test_runner::{Config, TestRunner};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static OPS: AtomicU64 = AtomicU64::new(0);
+    let config = Config {
+        cases: cases().unwrap_or(3_500),
+        max_shrink_iters: 20_000,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&prop::collection::vec(op(), 1..=600), |ops| {
         let mut m = Model::new();
         for op in &ops {
             m.step(op);
         }
         m.drain();
+        OPS.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let ops = OPS.load(Ordering::Relaxed);
+    println!("model test: {ops} operations checked");
+    if cases().is_none() {
+        assert!(ops >= 1_000_000, "only {ops} operations");
     }
 }
