@@ -206,11 +206,15 @@ pub struct BlockPool<'a> {
     config: PoolConfig,
     slots: Slots<'a, BlockSlot>,
     index: PrefixIndex<'a>,
+    /// Blocks `0..online` are in service; the rest are offline (not backed
+    /// by memory), or draining (held, and offline once released).
+    online: u32,
     free_head: u32,
     free_len: u32,
     evict_head: u32,
     evict_tail: u32,
     evict_len: u32,
+    held: u32,
     stats: PoolStats,
     events: EventQueue,
 }
@@ -259,11 +263,13 @@ impl<'a> BlockPool<'a> {
             config,
             slots,
             index: PrefixIndex::new(index, capacity),
+            online: capacity,
             free_head: 0,
             free_len: capacity,
             evict_head: NIL,
             evict_tail: NIL,
             evict_len: 0,
+            held: 0,
             stats: PoolStats {
                 blocks_total: capacity,
                 ..PoolStats::default()
@@ -308,10 +314,89 @@ impl<'a> BlockPool<'a> {
     pub fn tokens_per_block(&self) -> u32 {
         self.config.tokens_per_block
     }
-    /// Blocks in the pool.
+    /// Blocks in service (backed by memory): see [`grow`](Self::grow) and
+    /// [`shrink`](Self::shrink). Equal to [`max_blocks`](Self::max_blocks)
+    /// unless the caller changed it.
     #[inline]
     pub fn capacity(&self) -> u32 {
+        self.online
+    }
+
+    /// The metadata capacity: the most blocks the pool can ever serve.
+    #[inline]
+    pub fn max_blocks(&self) -> u32 {
         self.slots.len() as u32
+    }
+
+    /// Held blocks at or past [`capacity`](Self::capacity): they leave
+    /// service when released. O(max_blocks).
+    pub fn draining_len(&self) -> u32 {
+        self.slots[self.online as usize..]
+            .iter()
+            .filter(|s| s.is_held())
+            .count() as u32
+    }
+
+    /// Brings `n` more blocks into service (their memory is now backed).
+    /// Blocks still held from an earlier shrink simply stop draining. O(n).
+    pub fn grow(&mut self, n: u32) -> Result<u32> {
+        let to = self
+            .online
+            .checked_add(n)
+            .filter(|&t| t <= self.max_blocks())
+            .ok_or(Error::CapacityTooLarge {
+                requested: u64::from(self.online) + u64::from(n),
+                max: self.max_blocks(),
+            })?;
+        let from = self.online;
+        self.online = to;
+        for i in (from..to).rev() {
+            if self.slots[i as usize].state() == FREE {
+                self.free_push(i);
+            }
+        }
+        self.stats.blocks_total = to;
+        Ok(to)
+    }
+
+    /// Takes blocks `to..` out of service: free ones at once, cached ones
+    /// evicted (their keys leave the index), held ones when released
+    /// ("draining": relocate their holders, for example with
+    /// `KvCache::relocate`, to empty them). New allocations only come from
+    /// blocks below `to`. O(max_blocks).
+    pub fn shrink(&mut self, to: u32) -> Result<()> {
+        if to == 0 {
+            return Err(Error::ZeroCapacity);
+        }
+        if to >= self.online {
+            return Ok(());
+        }
+        for i in to..self.online {
+            if self.slots[i as usize].state() == CACHED {
+                self.evict_unlink(i);
+                let key = self.slots[i as usize].key();
+                self.index.remove(key, i);
+                self.stats.evictions += 1;
+                self.events.removed(self.config.id, key);
+                self.slots[i as usize].set(FREE, NIL);
+            }
+        }
+        // Rebuild the free stack from the blocks that stay, lowest id on top.
+        self.online = to;
+        self.free_head = NIL;
+        self.free_len = 0;
+        for i in (0..to).rev() {
+            if self.slots[i as usize].state() == FREE {
+                self.free_push(i);
+            }
+        }
+        for s in &mut self.slots[to as usize..] {
+            if s.state() == FREE {
+                s.set(FREE, NIL);
+            }
+        }
+        self.stats.blocks_total = to;
+        Ok(())
     }
     /// Blocks on the free stack.
     #[inline]
@@ -323,10 +408,10 @@ impl<'a> BlockPool<'a> {
     pub fn cached_len(&self) -> u32 {
         self.evict_len
     }
-    /// Blocks with at least one holder.
+    /// Blocks with at least one holder (draining ones included).
     #[inline]
     pub fn used_len(&self) -> u32 {
-        self.capacity() - self.free_len - self.evict_len
+        self.held
     }
     /// Blocks `allocate` can hand out now (free plus evictable).
     #[inline]
@@ -454,15 +539,16 @@ impl<'a> BlockPool<'a> {
         let s = &mut self.slots[i as usize];
         s.a = 1;
         s.set(USED, 0);
+        self.held += 1;
         i
     }
 
     #[inline]
     fn check_available(&mut self, n: u32) -> Result<()> {
-        if n > self.capacity() {
+        if n > self.max_blocks() {
             return Err(Error::LargerThanPool {
                 needed: u64::from(n),
-                capacity: self.capacity(),
+                capacity: self.max_blocks(),
             });
         }
         let available = self.available();
@@ -497,7 +583,7 @@ impl<'a> BlockPool<'a> {
     pub fn allocate(&mut self, out: &mut [BlockId]) -> Result<()> {
         let n = u32::try_from(out.len()).map_err(|_| Error::LargerThanPool {
             needed: out.len() as u64,
-            capacity: self.capacity(),
+            capacity: self.max_blocks(),
         })?;
         self.check_available(n)?;
         self.stats.allocations += u64::from(n);
@@ -537,12 +623,29 @@ impl<'a> BlockPool<'a> {
         if s.a > 0 {
             return Ok(false);
         }
-        if s.state() == USED_KEYED {
-            self.evict_push_back(b.0);
-        } else {
-            self.free_push(b.0);
-        }
+        self.unheld(b.0);
         Ok(true)
+    }
+
+    /// A block lost its last holder: to the eviction order (keyed), the free
+    /// stack, or out of service (draining past `capacity`).
+    #[inline]
+    fn unheld(&mut self, i: u32) {
+        self.held -= 1;
+        let s = &mut self.slots[i as usize];
+        let keyed = s.state() == USED_KEYED;
+        if i >= self.online {
+            s.set(FREE, NIL);
+            if keyed {
+                let key = s.key();
+                self.index.remove(key, i);
+                self.events.removed(self.config.id, key);
+            }
+        } else if keyed {
+            self.evict_push_back(i);
+        } else {
+            self.free_push(i);
+        }
     }
 
     /// Releases each block once, in order (put a finished sequence's tail
@@ -570,11 +673,7 @@ impl<'a> BlockPool<'a> {
         for &b in blocks {
             let s = &self.slots[b.index()];
             if s.a == 0 && s.is_held() {
-                if s.state() == USED_KEYED {
-                    self.evict_push_back(b.0);
-                } else {
-                    self.free_push(b.0);
-                }
+                self.unheld(b.0);
             }
         }
         Ok(())
@@ -602,6 +701,7 @@ impl<'a> BlockPool<'a> {
             let s = &mut self.slots[i as usize];
             s.a = 1;
             s.set(USED_KEYED, 0);
+            self.held += 1;
         } else {
             // Held already: another holder. Saturation is unreachable in
             // practice (2^32 holders); treat it as a miss rather than wrap.
@@ -624,6 +724,7 @@ impl<'a> BlockPool<'a> {
                 let s = &mut self.slots[b.index()];
                 s.a = 1;
                 s.set(USED_KEYED, 0);
+                self.held += 1;
                 true
             }
             USED_KEYED => match s.a.checked_add(1) {
@@ -747,14 +848,21 @@ impl<'a> BlockPool<'a> {
     /// free + cached + used = capacity; every keyed block is indexed and
     /// reachable under its key, and every index entry names a block carrying it.
     pub fn check_invariants(&self) -> Result<(), Invariant> {
-        let cap = self.capacity();
-        let (mut free, mut cached, mut keyed) = (0u32, 0u32, 0u32);
+        let cap = self.max_blocks();
+        let (mut free, mut cached, mut keyed, mut held) = (0u32, 0u32, 0u32, 0u32);
         for (i, s) in self.slots.iter().enumerate() {
             let i = i as u32;
             match s.state() {
-                FREE => free += 1,
-                CACHED => cached += 1,
-                _ => ensure(s.a > 0, "held block with zero holders", Some(i))?,
+                FREE if i < self.online => free += 1,
+                FREE => {}
+                CACHED => {
+                    ensure(i < self.online, "cached block out of service", Some(i))?;
+                    cached += 1;
+                }
+                _ => {
+                    ensure(s.a > 0, "held block with zero holders", Some(i))?;
+                    held += 1;
+                }
             }
             if s.is_keyed() {
                 keyed += 1;
@@ -767,6 +875,8 @@ impl<'a> BlockPool<'a> {
             }
         }
         ensure(free == self.free_len, "free count", None)?;
+        ensure(held == self.held, "held count", None)?;
+        ensure(self.stats.blocks_total == self.online, "total blocks", None)?;
         ensure(cached == self.evict_len, "cached count", None)?;
         ensure(keyed == self.index.len(), "index size", None)?;
         // Free stack.

@@ -322,19 +322,22 @@ pub struct PlanView<'c> {
 }
 
 impl<'c> PlanView<'c> {
-    /// Blocks moved.
+    /// Blocks copied.
     pub fn len(&self) -> usize {
-        self.targets.len()
+        self.copies().count()
     }
-    /// Whether nothing moves (an empty sequence).
+    /// Whether nothing is copied.
     pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
+        self.copies().next().is_none()
     }
-    /// The copies, in table order.
-    pub fn copies(&self) -> impl ExactSizeIterator<Item = BlockCopy> + 'c {
+    /// The copies, in table order (a relocation leaves some blocks in place:
+    /// they are not listed).
+    pub fn copies(&self) -> impl Iterator<Item = BlockCopy> + 'c {
+        let same = self.src_pool == self.dst_pool;
         self.sources
             .iter()
             .zip(self.targets)
+            .filter(move |(s, d)| !same || s != d)
             .map(|(&src, &dst)| BlockCopy { src, dst })
     }
     /// Writes the copies into `out`; returns how many.
@@ -358,6 +361,7 @@ enum MoveKind {
     SwapOut,
     SwapIn,
     Any,
+    Relocate,
 }
 
 /// Sequences, block tables, tiers of pools and two-phase moves.
@@ -570,10 +574,10 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
                 max_blocks: self.config.max_blocks_per_seq,
             });
         }
-        if blocks > u64::from(pool.capacity()) {
+        if blocks > u64::from(pool.max_blocks()) {
             return Err(Error::LargerThanPool {
                 needed: blocks,
-                capacity: pool.capacity(),
+                capacity: pool.max_blocks(),
             });
         }
         Ok(())
@@ -1074,6 +1078,27 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         self.plan_move(id, to, MoveKind::Any)
     }
 
+    /// Plans moving the sequence's blocks that lie at or past its pool's
+    /// [`capacity`](BlockPool::capacity) (after [`BlockPool::shrink`]) to
+    /// blocks below it, in the same pool: the step of a defragmentation.
+    /// Blocks already below stay (the plan copies only the others).
+    pub fn relocate(&mut self, id: SeqId) -> Result<PlanId> {
+        let pool = PoolId(self.slot(id)?.pool);
+        self.plan_move(id, pool, MoveKind::Relocate)
+    }
+
+    /// Live sequences holding blocks at or past their pool's capacity.
+    pub fn draining_seqs(&self, pool: PoolId) -> impl Iterator<Item = SeqId> + '_ {
+        let online = self.pool(pool).map(|p| p.capacity()).unwrap_or(u32::MAX);
+        self.seq_ids().filter(move |&s| {
+            let info = self.info(s).ok();
+            info.is_some_and(|i| i.pool == pool)
+                && self
+                    .table(s)
+                    .is_ok_and(|t| t.iter().any(|&b| b != HOLE && b.0 >= online))
+        })
+    }
+
     fn plan_move(&mut self, id: SeqId, to: PoolId, kind: MoveKind) -> Result<PlanId> {
         let s = *self.slot(id)?;
         if s.moving {
@@ -1089,14 +1114,23 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
             MoveKind::SwapIn if dk != PoolKind::Device => return Err(Error::WrongPoolKind(to)),
             _ => {}
         }
-        if src == dst {
+        if src == dst && kind != MoveKind::Relocate {
             return Err(Error::SamePool(to));
         }
         let n = s.blocks - s.first_live;
-        if n > self.pools[dst].capacity() {
+        let w = self.config.max_blocks_per_seq as usize;
+        let live = id.index as usize * w + s.first_live as usize;
+        // Blocks that move: all of them, or for a relocation those out of service.
+        let online = self.pools[src].capacity();
+        let moving = |b: BlockId| kind != MoveKind::Relocate || b.0 >= online;
+        let m = self.tables[live..live + n as usize]
+            .iter()
+            .filter(|&&b| moving(b))
+            .count() as u32;
+        if m > self.pools[dst].max_blocks() {
             return Err(Error::LargerThanPool {
-                needed: u64::from(n),
-                capacity: self.pools[dst].capacity(),
+                needed: u64::from(m),
+                capacity: self.pools[dst].max_blocks(),
             });
         }
         if self.plan_free == NIL {
@@ -1105,9 +1139,23 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
             });
         }
         let pi = self.plan_free;
-        let w = self.config.max_blocks_per_seq as usize;
-        let targets = &mut self.plan_targets[pi as usize * w..][..n as usize];
-        self.pools[dst].allocate(targets)?;
+        let ts = pi as usize * w;
+        self.pools[dst].allocate(&mut self.plan_targets[ts..ts + m as usize])?;
+        if m < n {
+            // Spread the fresh blocks to the positions that move (from the
+            // back, so no fresh block is overwritten before it is placed);
+            // the others keep their own block (no copy).
+            let mut j = m as usize;
+            for k in (0..n as usize).rev() {
+                let b = self.tables[live + k];
+                if moving(b) {
+                    j -= 1;
+                    self.plan_targets[ts + k] = self.plan_targets[ts + j];
+                } else {
+                    self.plan_targets[ts + k] = b;
+                }
+            }
+        }
         let p = &mut self.plans[pi as usize];
         self.plan_free = p.next_free;
         *p = PlanSlot {
@@ -1176,19 +1224,36 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         let w = self.config.max_blocks_per_seq as usize;
         let rs = p.seq as usize * w + s.first_live as usize;
         let ts = id.index as usize * w;
-        let mut parent = None;
-        for k in 0..p.len as usize {
-            let (from, to) = (self.tables[rs + k], self.plan_targets[ts + k]);
-            let key = self.pools[src].key_of(from)?;
-            if let Some(key) = key {
-                self.pools[dst].register(to, key, parent)?;
+        if src == dst {
+            // Relocation within a pool: release first, so the key leaves the
+            // index (the old block is out of service) and can follow the block.
+            for k in (0..p.len as usize).rev() {
+                let (from, to) = (self.tables[rs + k], self.plan_targets[ts + k]);
+                if from == to {
+                    continue;
+                }
+                let key = self.pools[src].key_of(from)?;
+                self.pools[src].release(from)?;
+                if let Some(key) = key {
+                    self.pools[dst].register(to, key, None)?;
+                }
+                self.tables[rs + k] = to;
             }
-            parent = key;
-        }
-        for k in (0..p.len as usize).rev() {
-            let from = self.tables[rs + k];
-            self.pools[src].release(from)?;
-            self.tables[rs + k] = self.plan_targets[ts + k];
+        } else {
+            let mut parent = None;
+            for k in 0..p.len as usize {
+                let (from, to) = (self.tables[rs + k], self.plan_targets[ts + k]);
+                let key = self.pools[src].key_of(from)?;
+                if let Some(key) = key {
+                    self.pools[dst].register(to, key, parent)?;
+                }
+                parent = key;
+            }
+            for k in (0..p.len as usize).rev() {
+                let from = self.tables[rs + k];
+                self.pools[src].release(from)?;
+                self.tables[rs + k] = self.plan_targets[ts + k];
+            }
         }
         self.seqs[p.seq as usize].pool = p.dst;
         self.finish_plan(id, &p);
@@ -1202,8 +1267,14 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         let dst = self.pool_index(PoolId(p.dst))?;
         let w = self.config.max_blocks_per_seq as usize;
         let ts = id.index as usize * w;
-        let targets = &self.plan_targets[ts..ts + p.len as usize];
-        self.pools[dst].free(targets)?;
+        let s = self.seqs[p.seq as usize];
+        let rs = p.seq as usize * w + s.first_live as usize;
+        for k in 0..p.len as usize {
+            let to = self.plan_targets[ts + k];
+            if p.src != p.dst || to != self.tables[rs + k] {
+                self.pools[dst].release(to)?;
+            }
+        }
         self.finish_plan(id, &p);
         Ok(())
     }
@@ -1321,8 +1392,15 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
             } else {
                 None
             };
+            let s = &self.seqs[p.seq as usize];
+            let src = &self.tables[p.seq as usize * w + s.first_live as usize..][..p.len as usize];
             let t = &self.plan_targets[i as usize * w..][..p.len as usize];
-            t.iter().filter_map(move |&b| pi.map(|pi| (pi, b)))
+            let same_pool = p.src == p.dst;
+            // A relocation leaves some blocks in place: those are held once.
+            t.iter()
+                .zip(src)
+                .filter(move |(t, s)| !same_pool || t != s)
+                .filter_map(move |(&b, _)| pi.map(|pi| (pi, b)))
         });
         tables.chain(plans)
     }
@@ -1332,7 +1410,7 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         let mut counts: alloc::vec::Vec<alloc::vec::Vec<u32>> = self
             .pools
             .iter()
-            .map(|p| alloc::vec![0; p.capacity() as usize])
+            .map(|p| alloc::vec![0; p.max_blocks() as usize])
             .collect();
         for (pi, b) in self.holders() {
             let c = counts[pi].get_mut(b.index()).ok_or(Invariant {
@@ -1353,7 +1431,7 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
     #[cfg(not(feature = "alloc"))]
     fn check_ref_counts(&self) -> Result<(), Invariant> {
         for (pi, p) in self.pools.iter().enumerate() {
-            for b in 0..p.capacity() {
+            for b in 0..p.max_blocks() {
                 let c = self.holders().filter(|&(q, h)| q == pi && h.0 == b).count() as u32;
                 let rc = p.ref_count(BlockId(b)).unwrap_or(u32::MAX);
                 ensure(rc == c, "ref count differs from holders", Some(b))?;

@@ -337,3 +337,38 @@ fn share_prefix_then_append_copies_the_shared_partial_block() {
     c.free(src).unwrap();
     c.check_invariants().unwrap();
 }
+
+#[test]
+fn shrink_then_relocate_compacts_a_pool() {
+    let mut c = cache_with(config(), &[16], 0);
+    let filler = c.allocate(GPU, &Prompt::len(10 * BS)).unwrap().seq;
+    let a = c.allocate(GPU, &Prompt::ids(&toks(12, 11))).unwrap().seq;
+    let child = c.fork(a).unwrap();
+    c.free(filler).unwrap();
+    assert!(c.table(a).unwrap().iter().all(|b| b.0 >= 10));
+    c.pool_mut(GPU).unwrap().shrink(8).unwrap();
+    assert_eq!(c.pool(GPU).unwrap().draining_len(), 3);
+    let draining: Vec<_> = c.draining_seqs(GPU).collect();
+    assert_eq!(draining.len(), 2);
+    for s in draining {
+        let p = c.relocate(s).unwrap();
+        assert_eq!(c.plan(p).unwrap().len(), 3);
+        c.commit(p).unwrap();
+        c.check_invariants().unwrap();
+    }
+    assert!(c.table(a).unwrap().iter().all(|b| b.0 < 8));
+    assert!(c.table(child).unwrap().iter().all(|b| b.0 < 8));
+    let pool = c.pool(GPU).unwrap();
+    assert_eq!((pool.draining_len(), pool.capacity()), (0, 8));
+    // The relocated full blocks kept their keys: still prefix hits.
+    c.free(a).unwrap();
+    c.free(child).unwrap();
+    assert_eq!(
+        c.allocate(GPU, &Prompt::ids(&toks(12, 11)))
+            .unwrap()
+            .hit_blocks,
+        3
+    );
+    c.pool_mut(GPU).unwrap().grow(8).unwrap();
+    c.check_invariants().unwrap();
+}

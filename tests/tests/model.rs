@@ -91,6 +91,16 @@ enum Op {
         pick: u8,
         w: u8,
     },
+    Shrink {
+        dev: u8,
+        frac: u8,
+    },
+    Grow {
+        dev: u8,
+    },
+    Relocate {
+        pick: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -112,6 +122,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3u8).prop_map(|pool| Op::Evict { pool }),
         2 => any::<u8>().prop_map(|pick| Op::Lookup { pick }),
         1 => (any::<u8>(), 0..16u8).prop_map(|(pick, w)| Op::Window { pick, w }),
+        1 => (0..2u8, any::<u8>()).prop_map(|(dev, frac)| Op::Shrink { dev, frac }),
+        1 => (0..2u8).prop_map(|dev| Op::Grow { dev }),
+        2 => any::<u8>().prop_map(|pick| Op::Relocate { pick }),
     ]
 }
 
@@ -576,6 +589,41 @@ impl Model {
                     }
                 }
                 Ok(())
+            }
+            Op::Shrink { dev, frac } => {
+                let p = self.cache.pool_mut(DEV[dev as usize])?;
+                let to = (p.max_blocks() * u32::from(frac) / 255).max(1);
+                let before = p.capacity();
+                p.shrink(to)?;
+                assert_eq!(p.capacity(), before.min(to));
+                Ok(())
+            }
+            Op::Grow { dev } => {
+                let p = self.cache.pool_mut(DEV[dev as usize])?;
+                let n = p.max_blocks() - p.capacity();
+                p.grow(n)?;
+                assert_eq!(p.capacity(), p.max_blocks());
+                Ok(())
+            }
+            Op::Relocate { pick } => {
+                let Some(seq) = self.pick(pick) else {
+                    return Ok(());
+                };
+                match self.cache.relocate(seq) {
+                    Ok(p) => {
+                        let view = self.cache.plan(p)?;
+                        let online = self.cache.pool(view.src_pool)?.capacity();
+                        assert!(view.copies().all(|c| c.src.0 >= online && c.dst.0 < online));
+                        self.plans.push(p);
+                        Ok(())
+                    }
+                    Err(
+                        e @ (Error::OutOfBlocks { .. }
+                        | Error::SequenceBusy(_)
+                        | Error::TooManyPlans { .. }),
+                    ) => Err(e),
+                    Err(e) => panic!("unexpected {e}"),
+                }
             }
             Op::Window { pick, w } => {
                 let Some(seq) = self.pick(pick) else {
