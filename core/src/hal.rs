@@ -125,6 +125,24 @@ pub trait Backend {
         batch: ValidatedBatch<'_>,
     ) -> Result<Self::Fence, Self::Error>;
 
+    /// Writes `data` at byte `offset` of `region` (uploads, tests, restores).
+    /// Ordered after every batch started before it; returns once written.
+    fn write_bytes(
+        &mut self,
+        region: &Self::Region,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), Self::Error>;
+
+    /// Reads `out.len()` bytes at `offset` of `region` (downloads,
+    /// checksums). Ordered after every batch started before it.
+    fn read_bytes(
+        &mut self,
+        region: &Self::Region,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), Self::Error>;
+
     /// Whether the batch behind `fence` has completed.
     fn poll(&mut self, fence: &Self::Fence) -> Result<bool, Self::Error>;
 

@@ -10,6 +10,11 @@
 //! - [`BlockOrder::LayerMajor`]: each (layer, K/V) pair is its own array of `N`
 //!   parts, what vLLM-style kernels index with a block table. One block copy is
 //!   `2 × layers` byte ranges.
+//!
+//! Inside a part, elements are token-major, `[token][kv_head][head_size]`
+//! (vLLM's FlashAttention layout). A quantized part ([`DType::Int8`],
+//! [`DType::Fp8E4M3`]) is followed by one little-endian `f32` scale per KV head,
+//! so scales travel with their block in every copy.
 #![allow(
     clippy::cast_possible_truncation,
     reason = "counts narrowed here were checked against u32 limits"
@@ -37,6 +42,11 @@ pub enum DType {
 }
 
 impl DType {
+    /// Whether elements carry a per-head scale (see [`KvLayout::part_bytes`]).
+    pub const fn is_quantized(self) -> bool {
+        matches!(self, DType::Fp8E4M3 | DType::Int8)
+    }
+
     /// Bytes per element.
     pub const fn size_bytes(self) -> u32 {
         match self {
@@ -111,13 +121,31 @@ impl KvLayout {
         self.block_bytes().map(|_| ())
     }
 
-    /// Bytes of one (layer, K/V) part of one block.
-    pub fn part_bytes(&self) -> Result<u64> {
+    /// Bytes of the elements of one (layer, K/V) part of one block.
+    pub fn part_data_bytes(&self) -> Result<u64> {
         u64::from(self.kv_heads)
             .checked_mul(u64::from(self.head_size))
             .and_then(|x| x.checked_mul(u64::from(self.tokens_per_block)))
             .and_then(|x| x.checked_mul(u64::from(self.dtype.size_bytes())))
             .ok_or(Error::LengthOverflow)
+    }
+
+    /// Bytes of one (layer, K/V) part of one block: its elements, then for a
+    /// quantized type one `f32` scale per KV head.
+    pub fn part_bytes(&self) -> Result<u64> {
+        let scales = if self.dtype.is_quantized() {
+            4 * u64::from(self.kv_heads)
+        } else {
+            0
+        };
+        self.part_data_bytes()?
+            .checked_add(scales)
+            .ok_or(Error::LengthOverflow)
+    }
+
+    /// The same layout with another element type (for a compressed copy).
+    pub const fn with_dtype(self, dtype: DType) -> Self {
+        Self { dtype, ..self }
     }
 
     /// Bytes of one block (all layers, keys and values).
@@ -127,7 +155,7 @@ impl KvLayout {
             .ok_or(Error::LengthOverflow)
     }
 
-    /// Bytes per token (all layers, keys and values).
+    /// Bytes per token (all layers, keys and values; scales not counted).
     pub fn bytes_per_token(&self) -> Result<u64> {
         u64::from(self.kv_heads)
             .checked_mul(u64::from(self.head_size))

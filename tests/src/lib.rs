@@ -3,6 +3,8 @@
 //! change nothing.
 #![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
+pub mod conformance;
+
 use pagedkv_core::{
     BlockId, BlockPool, CacheConfig, KvCache, PoolConfig, PoolId, PoolStats, SeqId, SeqInfo,
     SipBlockHasher,

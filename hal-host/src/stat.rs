@@ -1,0 +1,206 @@
+//! `StaticBackend`: regions carved out of a caller's byte arena; no allocator.
+
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+
+use pagedkv_core::{Backend, QuantFormat, Quantize, RegionDesc, ValidatedBatch};
+
+use crate::region::{new_owner, region_len};
+use crate::{HostError, HostFence, HostRegion, REGION_ALIGN, copy, quant};
+
+/// A backend over one caller-provided arena (for firmware: a `static mut`
+/// byte array, or a linker-placed SRAM section). Regions are carved out in
+/// order; destroying the most recent region returns its bytes, others stay
+/// reserved until [`reset`](Self::reset). Memory kinds are recorded but all
+/// live in the arena.
+#[derive(Debug)]
+pub struct StaticBackend<'a> {
+    base: NonNull<u8>,
+    len: usize,
+    next: usize,
+    live: usize,
+    owner: usize,
+    fences: u64,
+    _arena: PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: the backend holds the arena's unique borrow (`&'a mut [u8]`), so
+// moving it to another thread moves that borrow; nothing is thread-bound.
+unsafe impl Send for StaticBackend<'_> {}
+
+impl<'a> StaticBackend<'a> {
+    /// A backend over `arena`, which it borrows exclusively for `'a`.
+    pub fn new(arena: &'a mut [u8]) -> Self {
+        let len = arena.len();
+        Self {
+            base: NonNull::from(arena).cast(),
+            len,
+            next: 0,
+            live: 0,
+            owner: new_owner(),
+            fences: 0,
+            _arena: PhantomData,
+        }
+    }
+
+    /// Bytes of the arena not yet carved.
+    pub fn remaining(&self) -> usize {
+        self.len - self.next
+    }
+
+    /// Forgets every region at once (all must have been destroyed).
+    pub fn reset(&mut self) -> Result<(), HostError> {
+        if self.live != 0 {
+            return Err(HostError::other("regions still live"));
+        }
+        self.next = 0;
+        Ok(())
+    }
+
+    fn check(&self, r: &HostRegion) -> Result<(), HostError> {
+        if r.owner == self.owner {
+            Ok(())
+        } else {
+            Err(HostError::other("region of another backend"))
+        }
+    }
+
+    fn fence(&mut self) -> HostFence {
+        self.fences += 1;
+        HostFence(self.fences)
+    }
+}
+
+impl Backend for StaticBackend<'_> {
+    type Region = HostRegion;
+    type Fence = HostFence;
+    type Error = HostError;
+
+    fn create_region(&mut self, desc: &RegionDesc) -> Result<HostRegion, HostError> {
+        let RegionDesc {
+            block_count: _,
+            layout: _,
+            memory: _,
+        } = *desc;
+        let len = region_len(desc)?;
+        let addr = self.base.as_ptr() as usize + self.next;
+        let pad = addr.next_multiple_of(REGION_ALIGN) - addr;
+        let start = self.next + pad;
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= self.len)
+            .ok_or(HostError::oom("arena exhausted"))?;
+        // SAFETY: `start < end <= self.len`, so the offset stays inside the
+        // arena borrowed for `'a`.
+        let ptr = unsafe { NonNull::new_unchecked(self.base.as_ptr().add(start)) };
+        // Fresh regions read as zeros, like the heap backend's.
+        // SAFETY: the range is inside the arena and belongs to no other region.
+        unsafe { core::ptr::write_bytes(ptr.as_ptr(), 0, len) };
+        self.next = end;
+        self.live += 1;
+        Ok(HostRegion {
+            ptr,
+            len,
+            desc: *desc,
+            owner: self.owner,
+        })
+    }
+
+    fn region_desc(&self, region: &HostRegion) -> RegionDesc {
+        region.desc
+    }
+
+    unsafe fn destroy_region(&mut self, region: HostRegion) {
+        if self.check(&region).is_err() {
+            return;
+        }
+        self.live -= 1;
+        let base = self.base.as_ptr() as usize;
+        let start = region.ptr.as_ptr() as usize - base;
+        let end = start + region.len;
+        // The most recent region (up to the alignment padding that followed
+        // it) gives its bytes back.
+        if end == self.next
+            || (end < self.next && (base + end).next_multiple_of(REGION_ALIGN) - base == self.next)
+        {
+            self.next = start;
+        }
+        if self.live == 0 {
+            self.next = 0;
+        }
+    }
+
+    unsafe fn copy_blocks(
+        &mut self,
+        src: &HostRegion,
+        dst: &HostRegion,
+        batch: ValidatedBatch<'_>,
+    ) -> Result<HostFence, HostError> {
+        self.check(src)?;
+        self.check(dst)?;
+        // SAFETY: both regions are ours, inside the arena borrowed for `'a`,
+        // and the caller keeps other accesses off the batch's blocks.
+        unsafe { copy::copy_batch(src, dst, &batch)? };
+        Ok(self.fence())
+    }
+
+    fn write_bytes(
+        &mut self,
+        region: &HostRegion,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), HostError> {
+        self.check(region)?;
+        // SAFETY: ours, inside the arena; copies are synchronous.
+        unsafe { copy::write(region, offset, data) }
+    }
+
+    fn read_bytes(
+        &mut self,
+        region: &HostRegion,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), HostError> {
+        self.check(region)?;
+        // SAFETY: as in `write_bytes`.
+        unsafe { copy::read(region, offset, out) }
+    }
+
+    fn poll(&mut self, _fence: &HostFence) -> Result<bool, HostError> {
+        Ok(true)
+    }
+
+    fn wait(&mut self, _fence: &HostFence) -> Result<(), HostError> {
+        Ok(())
+    }
+}
+
+impl Quantize for StaticBackend<'_> {
+    unsafe fn quantize(
+        &mut self,
+        src: &HostRegion,
+        dst: &HostRegion,
+        batch: ValidatedBatch<'_>,
+        format: QuantFormat,
+    ) -> Result<HostFence, HostError> {
+        self.check(src)?;
+        self.check(dst)?;
+        // SAFETY: as in `copy_blocks`.
+        unsafe { quant::run(src, dst, &batch, format, quant::Direction::Quantize)? };
+        Ok(self.fence())
+    }
+
+    unsafe fn dequantize(
+        &mut self,
+        src: &HostRegion,
+        dst: &HostRegion,
+        batch: ValidatedBatch<'_>,
+        format: QuantFormat,
+    ) -> Result<HostFence, HostError> {
+        self.check(src)?;
+        self.check(dst)?;
+        // SAFETY: as in `copy_blocks`.
+        unsafe { quant::run(src, dst, &batch, format, quant::Direction::Dequantize)? };
+        Ok(self.fence())
+    }
+}
