@@ -50,6 +50,8 @@ pub enum Error {
     UnknownBlock(BlockId),
     /// `release`/`add_ref`/`register` of a block nobody holds (double free).
     BlockNotInUse(BlockId),
+    /// `evict` of a block that is not cached (held, or free).
+    NotCached(BlockId),
     /// A reference count would overflow.
     RefCountOverflow(BlockId),
     /// `register` of a block that already carries a key.
@@ -181,6 +183,7 @@ impl fmt::Display for Error {
             }
             UnknownBlock(b) => write!(f, "{b} is outside the pool"),
             BlockNotInUse(b) => write!(f, "{b} is not in use (double free?)"),
+            NotCached(b) => write!(f, "{b} is not a cached block"),
             RefCountOverflow(b) => write!(f, "reference count of {b} would overflow"),
             AlreadyRegistered(b) => write!(f, "{b} already carries a prefix key"),
             UnknownSequence(s) => write!(f, "{s} is unknown or was freed"),

@@ -793,6 +793,22 @@ impl<'a> BlockPool<'a> {
         Some((BlockId(i), key))
     }
 
+    /// Evicts one particular cached block (for example one just offloaded to
+    /// another tier, or past a time-to-live) to the free stack. O(1).
+    pub fn evict(&mut self, b: BlockId) -> Result<BlockHash> {
+        let s = self.slot(b)?;
+        if s.state() != CACHED {
+            return Err(Error::NotCached(b));
+        }
+        self.evict_unlink(b.0);
+        let key = self.slots[b.index()].key();
+        self.index.remove(key, b.0);
+        self.stats.evictions += 1;
+        self.events.removed(self.config.id, key);
+        self.free_push(b.0);
+        Ok(key)
+    }
+
     /// The cached blocks in eviction order (least recently used first).
     pub fn eviction_order(&self) -> impl Iterator<Item = BlockId> + '_ {
         let mut i = self.evict_head;

@@ -1286,6 +1286,13 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
     /// naming it. O(capacity + table entries) with `alloc`, quadratic in
     /// table entries without it (meant for tests and small firmware pools).
     pub fn check_invariants(&self) -> Result<(), Invariant> {
+        self.check_invariants_with(&[])
+    }
+
+    /// [`check_invariants`](Self::check_invariants) where the caller holds
+    /// references of its own (`extra`: one entry per reference), for example
+    /// blocks pinned while a tier transfer is in flight.
+    pub fn check_invariants_with(&self, extra: &[(PoolId, BlockId)]) -> Result<(), Invariant> {
         for p in &self.pools {
             p.check_invariants()?;
         }
@@ -1370,10 +1377,13 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
             }
         }
         ensure(plans == self.live_plans, "live plan count", None)?;
-        self.check_ref_counts()
+        self.check_ref_counts(extra)
     }
 
-    fn holders(&self) -> impl Iterator<Item = (usize, BlockId)> + '_ {
+    fn holders<'e>(
+        &'e self,
+        extra: &'e [(PoolId, BlockId)],
+    ) -> impl Iterator<Item = (usize, BlockId)> + 'e {
         let w = self.config.max_blocks_per_seq as usize;
         let tables = (0..self.config.max_seqs).flat_map(move |i| {
             let s = &self.seqs[i as usize];
@@ -1402,17 +1412,20 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
                 .filter(move |(t, s)| !same_pool || t != s)
                 .filter_map(move |(&b, _)| pi.map(|pi| (pi, b)))
         });
-        tables.chain(plans)
+        let extra = extra
+            .iter()
+            .filter_map(move |&(p, b)| self.pool_index(p).ok().map(|pi| (pi, b)));
+        tables.chain(plans).chain(extra)
     }
 
     #[cfg(feature = "alloc")]
-    fn check_ref_counts(&self) -> Result<(), Invariant> {
+    fn check_ref_counts(&self, extra: &[(PoolId, BlockId)]) -> Result<(), Invariant> {
         let mut counts: alloc::vec::Vec<alloc::vec::Vec<u32>> = self
             .pools
             .iter()
             .map(|p| alloc::vec![0; p.max_blocks() as usize])
             .collect();
-        for (pi, b) in self.holders() {
+        for (pi, b) in self.holders(extra) {
             let c = counts[pi].get_mut(b.index()).ok_or(Invariant {
                 what: "table entry out of range",
                 at: Some(b.0),
@@ -1429,10 +1442,10 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
     }
 
     #[cfg(not(feature = "alloc"))]
-    fn check_ref_counts(&self) -> Result<(), Invariant> {
+    fn check_ref_counts(&self, extra: &[(PoolId, BlockId)]) -> Result<(), Invariant> {
         for (pi, p) in self.pools.iter().enumerate() {
             for b in 0..p.max_blocks() {
-                let c = self.holders().filter(|&(q, h)| q == pi && h.0 == b).count() as u32;
+                let c = self.holders(extra).filter(|&(q, h)| q == pi && h.0 == b).count() as u32;
                 let rc = p.ref_count(BlockId(b)).unwrap_or(u32::MAX);
                 ensure(rc == c, "ref count differs from holders", Some(b))?;
             }
