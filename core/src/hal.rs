@@ -143,6 +143,14 @@ pub trait Backend {
         out: &mut [u8],
     ) -> Result<(), Self::Error>;
 
+    /// The address of the region's first byte as a kernel sees it (a host
+    /// pointer, a device pointer, a buffer device address), if the backend
+    /// exposes one.
+    fn region_address(&self, region: &Self::Region) -> Option<u64> {
+        let _ = region;
+        None
+    }
+
     /// Whether the batch behind `fence` has completed.
     fn poll(&mut self, fence: &Self::Fence) -> Result<bool, Self::Error>;
 

@@ -1445,7 +1445,10 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
     fn check_ref_counts(&self, extra: &[(PoolId, BlockId)]) -> Result<(), Invariant> {
         for (pi, p) in self.pools.iter().enumerate() {
             for b in 0..p.max_blocks() {
-                let c = self.holders(extra).filter(|&(q, h)| q == pi && h.0 == b).count() as u32;
+                let c = self
+                    .holders(extra)
+                    .filter(|&(q, h)| q == pi && h.0 == b)
+                    .count() as u32;
                 let rc = p.ref_count(BlockId(b)).unwrap_or(u32::MAX);
                 ensure(rc == c, "ref count differs from holders", Some(b))?;
             }

@@ -163,6 +163,10 @@ impl Backend for HostBackend {
         unsafe { copy::read(region, offset, out) }
     }
 
+    fn region_address(&self, region: &HostRegion) -> Option<u64> {
+        Some(region.as_ptr() as u64)
+    }
+
     fn poll(&mut self, _fence: &HostFence) -> Result<bool, HostError> {
         Ok(true)
     }

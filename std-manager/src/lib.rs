@@ -1,0 +1,29 @@
+#![doc = include_str!("../README.md")]
+
+mod error;
+mod manager;
+pub mod policy;
+mod traits;
+mod types;
+
+pub use error::{ManagerError, Result};
+pub use manager::{Handle, KvManager, MAX_DEVICES, ManagedBackend};
+pub use pagedkv_core as core;
+pub use pagedkv_core::{
+    BlockId, BlockOrder, BlockTable, DType, KvLayout, MemoryPressure, PressureThresholds,
+};
+pub use pagedkv_hal_host::HostBackend;
+pub use policy::{
+    CostAwareEvictionPolicy, LfuEvictionPolicy, LruEvictionPolicy, PriorityEvictionPolicy,
+};
+pub use traits::{
+    AdvancedKvCacheManager, BlockAllocator, CacheEvictionPolicy, Candidate, KvCacheHandle,
+    KvCacheManager, KvView, MultiDeviceCacheManager, PressureCallback,
+};
+pub use types::{
+    AllocationRequest, CacheConfig, CacheGcStats, CacheHandleStats, CacheManagerStats,
+    CompressionStats, Device, PrefixCacheConfig, Priority, RequestId,
+};
+
+/// The manager over host memory (and simulated devices).
+pub type HostManager = KvManager<HostBackend>;

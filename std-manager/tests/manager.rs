@@ -1,0 +1,316 @@
+//! The manager with real bytes on hal-host: KV survives every move, prefix
+//! reuse works across tiers, compression stays within its bound, pressure
+//! fires at crossings, gc reclaims, stats serialize.
+#![allow(clippy::cast_possible_truncation, reason = "small test values")]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::{checksum, config, kv_bytes, layout, request};
+use pagedkv_manager::{
+    AdvancedKvCacheManager, BlockAllocator, Device, HostBackend, HostManager, KvCacheManager,
+    ManagerError, MemoryPressure, MultiDeviceCacheManager, PrefixCacheConfig, RequestId,
+};
+
+fn block_bytes() -> usize {
+    layout().block_bytes().unwrap() as usize
+}
+
+fn fill(m: &HostManager, id: RequestId, blocks: usize) -> Vec<u64> {
+    (0..blocks)
+        .map(|i| {
+            let data = kv_bytes(block_bytes(), id.0 * 1000 + i as u64);
+            m.write_block(id, i, &data).unwrap();
+            checksum(&data)
+        })
+        .collect()
+}
+
+fn sums(m: &HostManager, id: RequestId, blocks: usize) -> Vec<u64> {
+    (0..blocks)
+        .map(|i| checksum(&m.read_block(id, i).unwrap()))
+        .collect()
+}
+
+fn prompt(n: u32, salt: u32) -> Vec<u32> {
+    (0..n).map(|i| i * 13 + salt).collect()
+}
+
+#[tokio::test]
+async fn kv_bytes_survive_swap_move_defragment_and_growth() {
+    let mut cfg = config(64);
+    cfg.initial_blocks = 16;
+    cfg.host_blocks = 64;
+    cfg.target_devices = vec![Device::Gpu(0), Device::Gpu(1)];
+    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+    // Growth: 40 blocks on a pool backed for 16 at start.
+    let mut handles = Vec::new();
+    let mut want = Vec::new();
+    for id in 0..5u64 {
+        let h = m
+            .allocate(&request(id, prompt(64, id as u32)))
+            .await
+            .unwrap();
+        want.push(fill(&m, RequestId(id), 8));
+        handles.push(h);
+    }
+    // 40 blocks: 16 + 16 backed at start, so one pool grew by a region.
+    assert_eq!(m.total_block_count(), 48, "a device pool grew");
+    for id in 0..5u64 {
+        assert_eq!(
+            sums(&m, RequestId(id), 8),
+            want[id as usize],
+            "after growth"
+        );
+    }
+    // Swap out and in.
+    m.swap_out(RequestId(1)).await.unwrap();
+    assert_eq!(handles[1].device(), Device::Cpu);
+    assert!(
+        handles[1].key_cache(0).unwrap().is_none(),
+        "not addressable while swapped out"
+    );
+    assert_eq!(sums(&m, RequestId(1), 8), want[1], "on the host tier");
+    m.swap_in(RequestId(1)).await.unwrap();
+    assert_eq!(sums(&m, RequestId(1), 8), want[1], "after swap in");
+    // Move to another device.
+    m.move_cache(RequestId(2), Device::Gpu(1)).await.unwrap();
+    assert_eq!(m.get_cache_device(RequestId(2)), Some(Device::Gpu(1)));
+    assert_eq!(sums(&m, RequestId(2), 8), want[2], "after move");
+    // Free the first ones, then defragment: the rest is compacted.
+    m.deallocate(RequestId(0)).await.unwrap();
+    m.deallocate(RequestId(1)).await.unwrap();
+    let before = m.total_block_count();
+    m.defragment().unwrap();
+    assert!(
+        m.total_block_count() < before,
+        "pool shrank: {} -> {}",
+        before,
+        m.total_block_count()
+    );
+    for id in [3u64, 4] {
+        assert_eq!(
+            sums(&m, RequestId(id), 8),
+            want[id as usize],
+            "after defragment"
+        );
+        let t = handles[id as usize].block_table();
+        assert!(
+            t.physical_blocks
+                .iter()
+                .all(|b| (b.0 as usize) < m.total_block_count())
+        );
+    }
+    // Views address real memory: the first key byte of block 0 is the data.
+    let v = handles[3].key_cache(0).unwrap().unwrap();
+    // SAFETY: host memory of a live region; no transfer runs meanwhile.
+    let first = unsafe { *(v.block_addrs[0] as *const u8) };
+    assert_eq!(first, m.read_block(RequestId(3), 0).unwrap()[0]);
+    m.check_invariants().unwrap();
+    for id in [2u64, 3, 4] {
+        m.deallocate(RequestId(id)).await.unwrap();
+    }
+    assert!(m.used_blocks().iter().all(|&u| u == 0));
+}
+
+#[tokio::test]
+async fn compression_halves_the_bytes_within_the_bound() {
+    let m = HostManager::new(HostBackend::new(), config(32)).unwrap();
+    let h = m.allocate(&request(1, prompt(48, 0))).await.unwrap();
+    let data: Vec<Vec<u8>> = (0..6).map(|i| kv_bytes(block_bytes(), i)).collect();
+    for (i, d) in data.iter().enumerate() {
+        m.write_block(RequestId(1), i, d).unwrap();
+    }
+    assert!(matches!(
+        m.compress_cache(RequestId(1), 0.25).await,
+        Err(ManagerError::UnreachableRatio { .. })
+    ));
+    m.compress_cache(RequestId(1), 0.5).await.unwrap();
+    let cs = m.compression_stats();
+    assert_eq!(cs.compressed_caches, 1);
+    assert!((cs.avg_compression_ratio - 0.5).abs() < 0.05, "{cs:?}");
+    assert!(cs.memory_saved_bytes >= 6 * block_bytes() * 9 / 20);
+    assert!(h.key_cache(0).unwrap().is_none());
+    // Running again decompresses first.
+    m.extend(RequestId(1), 1).await.unwrap();
+    assert_eq!(m.compression_stats().compressed_caches, 0);
+    for (i, d) in data.iter().enumerate() {
+        let got = m.read_block(RequestId(1), i).unwrap();
+        for (k, (x, y)) in d.chunks(2).zip(got.chunks(2)).enumerate() {
+            let x = half::f16::from_le_bytes([x[0], x[1]]).to_f32();
+            let y = half::f16::from_le_bytes([y[0], y[1]]).to_f32();
+            let bound = pagedkv_hal_host::quant::error_bound(
+                pagedkv_core::QuantFormat::Int8PerHead,
+                x,
+                8.0,
+                pagedkv_core::DType::F16,
+            );
+            assert!((x - y).abs() <= bound, "block {i} element {k}: {x} -> {y}");
+        }
+    }
+    m.check_invariants().unwrap();
+}
+
+#[tokio::test]
+async fn prefix_hits_reuse_kv_and_the_host_tier_serves_evicted_prefixes() {
+    let mut cfg = config(12);
+    cfg.host_blocks = 32;
+    cfg.offload_evicted_prefixes = true;
+    cfg.prefix_cache_config = Some(PrefixCacheConfig::default());
+    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+    let p = prompt(64, 5);
+    m.allocate(&request(1, p.clone())).await.unwrap();
+    let want = fill(&m, RequestId(1), 8);
+    m.deallocate(RequestId(1)).await.unwrap();
+    // A hit on the device: same blocks, same bytes.
+    m.allocate(&request(2, p.clone())).await.unwrap();
+    assert_eq!(sums(&m, RequestId(2), 8), want);
+    assert_eq!(m.stats().device_hit_blocks, 8);
+    m.deallocate(RequestId(2)).await.unwrap();
+    // Another prompt fills the device: the cached prefix is offloaded.
+    m.allocate(&request(3, prompt(96, 77))).await.unwrap();
+    assert!(
+        m.indexed_keys()[2] >= 4,
+        "prefix blocks offloaded to the host tier"
+    );
+    m.deallocate(RequestId(3)).await.unwrap();
+    // The first prompt again: its blocks come back from the host by copy.
+    m.allocate(&request(4, p.clone())).await.unwrap();
+    let s = m.stats();
+    assert!(s.host_hit_blocks >= 4, "{s:?}");
+    assert_eq!(sums(&m, RequestId(4), 8), want, "KV brought back intact");
+    m.check_invariants().unwrap();
+}
+
+#[tokio::test]
+async fn pressure_callback_fires_exactly_at_crossings() {
+    let mut cfg = config(20);
+    cfg.pressure_hysteresis = 0.0;
+    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = Arc::clone(&seen);
+    m.set_pressure_callback(Box::new(move |l| s2.lock().unwrap().push(l)));
+    // Walk utilization up one block (5%) at a time, then down.
+    for id in 0..20u64 {
+        m.allocate(&request(id, prompt(8, id as u32)))
+            .await
+            .unwrap();
+    }
+    for id in 0..20u64 {
+        m.deallocate(RequestId(id)).await.unwrap();
+    }
+    use MemoryPressure::*;
+    // Up: 12/20 = 0.6 Medium, 16/20 = 0.8 High, 19/20 = 0.95 Critical.
+    // Down: below 0.95 at 18, below 0.8 at 15, below 0.6 at 11.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![Medium, High, Critical, High, Medium, Low]
+    );
+}
+
+#[tokio::test]
+async fn gc_reclaims_dropped_handles_and_expired_prefixes() {
+    let mut cfg = config(32);
+    cfg.prefix_cache_config = Some(PrefixCacheConfig {
+        max_prefixes: 3,
+        ..PrefixCacheConfig::default()
+    });
+    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+    let keep = m.allocate(&request(1, prompt(16, 1))).await.unwrap();
+    drop(m.allocate(&request(2, prompt(32, 2))).await.unwrap());
+    let gc = m.gc().await.unwrap();
+    assert_eq!(gc.caches_freed, 1);
+    assert_eq!(gc.memory_freed, 4 * block_bytes());
+    assert!(keep.is_valid());
+    assert!(m.get_handle(RequestId(2)).is_none());
+    // max_prefixes: at most 3 cached blocks remain.
+    assert!(m.pool_stats()[0].blocks_cached <= 3);
+    // TTL: with a zero-second TTL... use 1 s and an old release stamp.
+    m.enable_prefix_caching(PrefixCacheConfig {
+        prefix_ttl_seconds: 1,
+        ..PrefixCacheConfig::default()
+    })
+    .await
+    .unwrap();
+    m.deallocate(RequestId(1)).await.unwrap();
+    assert!(m.pool_stats()[0].blocks_cached > 0);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let gc = m.gc().await.unwrap();
+    assert!(gc.prefixes_expired > 0);
+    assert_eq!(m.pool_stats()[0].blocks_cached, 0);
+}
+
+#[tokio::test]
+async fn share_prefix_fork_and_stats_json() {
+    let mut cfg = config(32);
+    cfg.prefix_cache_config = Some(PrefixCacheConfig::default());
+    let m = HostManager::new(HostBackend::new(), cfg.clone()).unwrap();
+    let a = m.allocate(&request(1, prompt(20, 3))).await.unwrap();
+    let mut empty = request(2, vec![]);
+    empty.initial_tokens = 0;
+    let b = m.allocate(&empty).await.unwrap();
+    m.share_prefix(RequestId(1), RequestId(2), 16)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.block_table().physical_blocks[..2],
+        a.block_table().physical_blocks[..2]
+    );
+    let c = m.fork(RequestId(1), RequestId(3)).await.unwrap();
+    m.extend_tokens(RequestId(3), &[1, 2]).await.unwrap();
+    assert_ne!(
+        c.block_table().physical_blocks[2],
+        a.block_table().physical_blocks[2],
+        "copy-on-write"
+    );
+    let json = serde_json::to_string(&m.stats()).unwrap();
+    let back: pagedkv_manager::CacheManagerStats = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, m.stats());
+    let cj = serde_json::to_string(&cfg).unwrap();
+    assert_eq!(
+        serde_json::from_str::<pagedkv_manager::CacheConfig>(&cj).unwrap(),
+        cfg
+    );
+    m.check_invariants().unwrap();
+}
+
+#[tokio::test]
+async fn bad_requests_are_typed_errors() {
+    let m = HostManager::new(HostBackend::new(), config(8)).unwrap();
+    let mut r = request(1, prompt(16, 0));
+    r.num_layers = 7;
+    assert!(matches!(
+        m.allocate(&r).await,
+        Err(ManagerError::LayoutMismatch(_))
+    ));
+    assert!(matches!(
+        m.allocate(&request(2, prompt(80, 0))).await,
+        Err(ManagerError::Core(_))
+    ));
+    m.allocate(&request(3, prompt(8, 0))).await.unwrap();
+    assert!(matches!(
+        m.allocate(&request(3, prompt(8, 0))).await,
+        Err(ManagerError::DuplicateRequest(_))
+    ));
+    assert!(matches!(
+        m.extend(RequestId(9), 1).await,
+        Err(ManagerError::UnknownRequest(_))
+    ));
+    assert!(matches!(
+        m.swap_out(RequestId(3)).await,
+        Err(ManagerError::NoHostTier)
+    ));
+    assert!(matches!(
+        m.move_cache(RequestId(3), Device::Gpu(5)).await,
+        Err(ManagerError::UnknownDevice(_))
+    ));
+    assert!(matches!(
+        m.free_blocks(&[pagedkv_manager::BlockId(0)]),
+        Err(ManagerError::NotAnAllocation)
+    ));
+    let raw = m.allocate_blocks(3).unwrap();
+    m.free_blocks(&raw).unwrap();
+    m.check_invariants().unwrap();
+    assert!(m.used_blocks()[0] == 1);
+}
