@@ -2073,7 +2073,21 @@ where
         if current == Some(d) {
             return Ok(());
         }
-        self.move_request(request_id, Place::Device(d)).await?;
+        let mut tries = 0;
+        loop {
+            match self.move_request(request_id, Place::Device(d)).await {
+                Err(ManagerError::Core(pagedkv_core::Error::OutOfBlocks { needed, .. }))
+                    if tries < 4 =>
+                {
+                    tries += 1;
+                    self.make_room(d, needed as usize, Some(request_id)).await?;
+                }
+                r => {
+                    r?;
+                    break;
+                }
+            }
+        }
         self.notify_pressure();
         Ok(())
     }

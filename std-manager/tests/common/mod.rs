@@ -177,6 +177,13 @@ impl Backend for Faulty {
         self.inner.poll(&fence.inner)
     }
     fn wait(&mut self, fence: &SlowFence) -> Result<(), HostError> {
+        let n = self.knobs.polls.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.knobs.fail_poll.load(Ordering::SeqCst) {
+            return Err(HostError {
+                kind: ErrorKind::DeviceLost,
+                reason: "injected fence fault",
+            });
+        }
         fence.left.store(0, Ordering::SeqCst);
         self.inner.wait(&fence.inner)
     }
