@@ -314,3 +314,88 @@ async fn bad_requests_are_typed_errors() {
     m.check_invariants().unwrap();
     assert!(m.used_blocks()[0] == 1);
 }
+
+#[tokio::test]
+async fn rebalance_and_device_stats() {
+    let mut cfg = config(32);
+    cfg.target_devices = vec![Device::Gpu(0), Device::Gpu(1)];
+    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+    m.set_device_preference(vec![Device::Gpu(0)]);
+    for id in 0..6u64 {
+        let mut r = request(id, prompt(32, id as u32));
+        r.device = Some(Device::Gpu(0));
+        std::mem::forget(m.allocate(&r).await.unwrap());
+    }
+    let s = m.device_stats();
+    assert_eq!(s[&Device::Gpu(0)].active_caches, 6);
+    assert_eq!(s[&Device::Gpu(1)].active_caches, 0);
+    m.rebalance_devices().await.unwrap();
+    let s = m.device_stats();
+    let u = |d: Device| s[&d].used_memory_bytes as f32 / s[&d].total_memory_bytes as f32;
+    assert!(
+        (u(Device::Gpu(0)) - u(Device::Gpu(1))).abs() <= 0.1 + 1e-6,
+        "{s:?}"
+    );
+    assert_eq!(
+        s[&Device::Gpu(0)].active_caches + s[&Device::Gpu(1)].active_caches,
+        6
+    );
+    m.check_invariants().unwrap();
+}
+
+#[tokio::test]
+async fn prefix_config_is_honoured() {
+    let mut cfg = config(64);
+    cfg.prefix_cache_config = Some(PrefixCacheConfig {
+        min_prefix_length: 40,
+        ..PrefixCacheConfig::default()
+    });
+    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+    // Too short to use the cache.
+    for id in [1, 2] {
+        m.allocate(&request(id, prompt(16, 0))).await.unwrap();
+        m.deallocate(RequestId(id)).await.unwrap();
+    }
+    assert_eq!(m.stats().device_hit_blocks, 0);
+    for id in [3, 4] {
+        m.allocate(&request(id, prompt(48, 0))).await.unwrap();
+        m.deallocate(RequestId(id)).await.unwrap();
+    }
+    assert_eq!(m.stats().device_hit_blocks, 6);
+    // No sharing across requests: each its own salt.
+    m.enable_prefix_caching(PrefixCacheConfig {
+        enable_cross_request_sharing: false,
+        ..PrefixCacheConfig::default()
+    })
+    .await
+    .unwrap();
+    for id in [5, 6] {
+        m.allocate(&request(id, prompt(48, 0))).await.unwrap();
+        m.deallocate(RequestId(id)).await.unwrap();
+    }
+    assert_eq!(m.stats().device_hit_blocks, 6);
+}
+
+#[tokio::test]
+async fn a_pluggable_policy_picks_the_victims() {
+    let mut cfg = config(16);
+    cfg.host_blocks = 32;
+    let m = pagedkv_manager::KvManager::with_policy(
+        HostBackend::new(),
+        cfg,
+        std::sync::Arc::new(pagedkv_manager::PriorityEvictionPolicy::new()),
+    )
+    .unwrap();
+    let mut low = request(1, prompt(64, 1));
+    low.priority = pagedkv_manager::Priority::Low;
+    let mut high = request(2, prompt(64, 2));
+    high.priority = pagedkv_manager::Priority::High;
+    let _l = m.allocate(&low).await.unwrap();
+    let _h = m.allocate(&high).await.unwrap();
+    // A third request needs room: the low-priority one is preempted.
+    let _n = m.allocate(&request(3, prompt(64, 3))).await.unwrap();
+    assert_eq!(m.get_cache_device(RequestId(1)), Some(Device::Cpu));
+    assert_eq!(m.get_cache_device(RequestId(2)), Some(Device::Gpu(0)));
+    assert_eq!(m.stats().swap_outs, 1);
+    m.check_invariants().unwrap();
+}
