@@ -4,6 +4,10 @@
 //! plain `copy_from_slice` of the same bytes in the same run.
 //! `cargo bench -p pagedkv-manager --bench swap`
 #![allow(missing_docs, reason = "criterion macros generate undocumented items")]
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "byte patterns and sizes of a 64-bit bench"
+)]
 
 use std::hint::black_box;
 
