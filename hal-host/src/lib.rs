@@ -13,6 +13,7 @@ mod copy;
 mod error;
 #[cfg(feature = "alloc")]
 mod heap;
+mod meta;
 pub mod quant;
 mod region;
 mod stat;
@@ -20,6 +21,7 @@ mod stat;
 pub use error::HostError;
 #[cfg(feature = "alloc")]
 pub use heap::HostBackend;
+pub use meta::{MetaRegion, MetadataBackend};
 pub use region::HostRegion;
 pub use stat::StaticBackend;
 

@@ -1176,15 +1176,22 @@ where
                 return Err(ManagerError::DuplicateRequest(req.request_id));
             }
             let device = self.choose_device(&inner, req, blocks)?;
-            let use_prefix = inner
-                .prefix
-                .as_ref()
-                .is_some_and(|p| req.prompt.len() >= p.min_prefix_length.max(1));
+            let long_enough = req.initial_tokens >= 1
+                && (req.prompt.len() == req.initial_tokens || !req.block_keys.is_empty());
+            let use_prefix = long_enough
+                && inner
+                    .prefix
+                    .as_ref()
+                    .is_some_and(|p| req.initial_tokens >= p.min_prefix_length.max(1));
             let salt = self.salt_for(&inner, req);
-            let keys = if use_prefix {
-                self.prompt_keys(&inner, &req.prompt, salt)
-            } else {
+            let keys = if !use_prefix {
                 Vec::new()
+            } else if !req.block_keys.is_empty() {
+                // External keys: a salt moves them to the tenant's own key space.
+                let mix = salt.map_or(0, |s| inner.cache.hasher().root(Some(s)).0);
+                req.block_keys.iter().map(|&k| BlockHash(k ^ mix)).collect()
+            } else {
+                self.prompt_keys(&inner, &req.prompt, salt)
             };
             (device, keys, salt, use_prefix)
         };
@@ -1212,7 +1219,11 @@ where
             let res = {
                 let mut guard = lock(&self.shared.inner);
                 let inner = &mut *guard;
-                let prompt = if use_prefix {
+                let prompt = if use_prefix && !req.block_keys.is_empty() {
+                    let len = u32::try_from(req.initial_tokens)
+                        .map_err(|_| pagedkv_core::Error::LengthOverflow)?;
+                    Prompt::keys(&keys, len)
+                } else if use_prefix {
                     Prompt {
                         salt,
                         ..Prompt::ids(&req.prompt)

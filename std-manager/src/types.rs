@@ -65,6 +65,11 @@ pub struct AllocationRequest {
     pub prompt: Vec<u32>,
     /// Tenant salt: requests with different salts never share KV.
     pub cache_salt: Option<u128>,
+    /// Precomputed keys of the prompt's first full blocks (a router's or a
+    /// trace's block hashes), used instead of hashing `prompt`. Equal keys
+    /// must mean equal content and equal preceding content. Decode blocks of
+    /// such a request are not cached (their tokens are not known).
+    pub block_keys: Vec<u128>,
 }
 
 impl AllocationRequest {
@@ -87,6 +92,7 @@ impl AllocationRequest {
             priority: Priority::Normal,
             prompt,
             cache_salt: None,
+            block_keys: Vec::new(),
         }
     }
 

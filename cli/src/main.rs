@@ -1,0 +1,453 @@
+//! `pagedkv`: replay serving workloads through the KV-cache manager and
+//! show what the cache does.
+//!
+//! ```text
+//! pagedkv simulate                                   # the built-in chat workload
+//! pagedkv simulate --trace ../shared/traces/mooncake_conversation.jsonl --sequential --capacity-fraction 0.05
+//! pagedkv simulate --trace ../shared/traces/azure_conv_2023.csv --capacity-gib 4 --model llama3-8b --json
+//! ```
+
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "a simulator on 64-bit hosts: trace token and block counts fit in u32"
+)]
+
+mod plot;
+mod sim;
+mod workload;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pagedkv_core::{BlockOrder, DType, KvLayout};
+use pagedkv_hal_host::{HostBackend, MetadataBackend};
+use pagedkv_manager::{KvManager, ManagedBackend};
+use serde::Serialize;
+
+use crate::sim::{CostModel, Reference, RunResult, SimConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pagedkv",
+    version,
+    about = "Replay serving workloads through pagedkv's KV-cache manager"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Replay a workload (built in, or a Mooncake / Azure trace) and report
+    /// hit ratios, evictions, swaps, utilization and queueing delay.
+    Simulate(Simulate),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Model {
+    /// 32 layers, 8 KV heads, head size 128.
+    #[value(name = "llama3-8b")]
+    Llama3_8b,
+    /// 80 layers, 8 KV heads, head size 128.
+    #[value(name = "llama3-70b")]
+    Llama3_70b,
+    /// 28 layers, 4 KV heads, head size 128.
+    #[value(name = "qwen2.5-7b")]
+    Qwen25_7b,
+}
+
+impl Model {
+    fn layout(self, tokens_per_block: u32) -> KvLayout {
+        let (layers, kv_heads) = match self {
+            Model::Llama3_8b => (32, 8),
+            Model::Llama3_70b => (80, 8),
+            Model::Qwen25_7b => (28, 4),
+        };
+        KvLayout {
+            layers,
+            kv_heads,
+            head_size: 128,
+            tokens_per_block,
+            dtype: DType::F16,
+            order: BlockOrder::BlockMajor,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    /// JSON lines: timestamp, input_length, output_length, hash_ids.
+    Mooncake,
+    /// CSV: TIMESTAMP,ContextTokens,GeneratedTokens.
+    Azure,
+}
+
+#[derive(Parser, Debug)]
+struct Simulate {
+    /// A trace file (`.jsonl`: Mooncake, `.csv`: Azure). Without it, the
+    /// built-in multi-turn chat workload.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// The trace's format, if its extension does not tell.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// One request at a time, in arrival order (the published hit-ratio
+    /// studies' mode). Without it: timed replay with decode and pressure.
+    #[arg(long)]
+    sequential: bool,
+    /// Device capacity in blocks.
+    #[arg(long, conflicts_with_all = ["capacity_gib", "capacity_fraction"])]
+    capacity_blocks: Option<u32>,
+    /// Device capacity in GiB of KV for `--model`.
+    #[arg(long, conflicts_with = "capacity_fraction")]
+    capacity_gib: Option<f64>,
+    /// Device capacity as a fraction of the workload's unique blocks.
+    #[arg(long)]
+    capacity_fraction: Option<f64>,
+    /// Model whose KV shape sizes the blocks.
+    #[arg(long, value_enum, default_value = "llama3-8b")]
+    model: Model,
+    /// Host tier blocks (default: as many as the device in timed mode, none
+    /// in sequential mode).
+    #[arg(long)]
+    host_blocks: Option<u32>,
+    /// Tokens per block (default: 512 for Mooncake, whose ids are 512-token
+    /// blocks, else 16). Mooncake ids are split into 512 / N sub-blocks.
+    #[arg(long)]
+    tokens_per_block: Option<u32>,
+    /// Block eviction policies of the prefix cache, compared in one run:
+    /// `lru` (vLLM's order), `belady` (the offline optimum).
+    #[arg(long, value_delimiter = ',', default_value = "lru")]
+    policy: Vec<String>,
+    /// Sequence eviction (preemption) policies, compared in one run (timed
+    /// mode): lru, lfu, priority, cost.
+    #[arg(long, value_delimiter = ',', default_value = "lru")]
+    preempt: Vec<String>,
+    /// Tenants with separate cache salts (requests assigned round robin).
+    #[arg(long, default_value_t = 1)]
+    tenants: u32,
+    /// Seed of the built-in workload.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Conversations of the built-in workload.
+    #[arg(long, default_value_t = 800)]
+    conversations: u32,
+    /// Shared system prompt of Azure requests, in tokens.
+    #[arg(long, default_value_t = 0)]
+    system_prompt_tokens: u32,
+    /// Offload cached blocks evicted from the device to the host tier.
+    #[arg(long)]
+    offload: bool,
+    /// Move real KV bytes (pools must fit in memory); default: metadata only.
+    #[arg(long)]
+    with_bytes: bool,
+    /// Uncached prompt tokens per second (timed cost model).
+    #[arg(long, default_value_t = 8000.0)]
+    prefill_tps: f64,
+    /// Fixed milliseconds of a decode step (timed cost model).
+    #[arg(long, default_value_t = 30.0)]
+    decode_step_ms: f64,
+    /// Most running sequences (timed mode).
+    #[arg(long, default_value_t = 128)]
+    max_running: usize,
+    /// Print a JSON report instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Draw utilization and hit ratio over time (.png or .svg).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    workload: String,
+    requests: usize,
+    block_refs: u64,
+    unique_blocks: u64,
+    tokens_per_block: u32,
+    mode: &'static str,
+    device_blocks: u32,
+    host_blocks: u32,
+    block_bytes: u64,
+    ideal: Reference,
+    belady: Reference,
+    runs: Vec<RunResult>,
+    cost_model: Option<CostModel>,
+    wall_seconds: f64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let Command::Simulate(args) = cli.command;
+    if let Err(e) = simulate(args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn load(args: &Simulate) -> Result<workload::Workload> {
+    let Some(path) = &args.trace else {
+        let bs = args.tokens_per_block.unwrap_or(16);
+        return workload::generate(args.seed, args.conversations, bs, args.tenants);
+    };
+    let format = match (args.format, path.extension().and_then(|e| e.to_str())) {
+        (Some(f), _) => f,
+        (None, Some("jsonl" | "json")) => Format::Mooncake,
+        (None, Some("csv")) => Format::Azure,
+        _ => bail!(
+            "cannot tell the format of {}: pass --format",
+            path.display()
+        ),
+    };
+    match format {
+        Format::Mooncake => workload::mooncake(path, args.tokens_per_block.unwrap_or(512)),
+        Format::Azure => workload::azure(
+            path,
+            args.tokens_per_block.unwrap_or(16),
+            args.system_prompt_tokens,
+        ),
+    }
+}
+
+fn capacity(args: &Simulate, w: &workload::Workload, layout: &KvLayout) -> Result<u32> {
+    let blocks = if let Some(b) = args.capacity_blocks {
+        u64::from(b)
+    } else if let Some(g) = args.capacity_gib {
+        if !g.is_finite() || g <= 0.0 {
+            bail!("--capacity-gib must be positive");
+        }
+        (g * (1u64 << 30) as f64 / layout.block_bytes()? as f64) as u64
+    } else {
+        let f = args.capacity_fraction.unwrap_or(0.1);
+        if !f.is_finite() || f <= 0.0 {
+            bail!("--capacity-fraction must be positive");
+        }
+        (w.unique_blocks() as f64 * f).round() as u64
+    };
+    if blocks == 0 {
+        bail!("the device capacity is zero blocks: give a larger --capacity-*");
+    }
+    u32::try_from(blocks).context("device capacity above 2^32 blocks")
+}
+
+fn progress_bar(len: u64) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} requests ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+fn run_all<B: ManagedBackend>(
+    make: &dyn Fn() -> B,
+    w: &workload::Workload,
+    cfg: &SimConfig,
+    args: &Simulate,
+) -> Result<Vec<RunResult>>
+where
+    B::Region: Send + Sync,
+    B::Fence: Send,
+{
+    let mut runs = Vec::new();
+    let started = Instant::now();
+    let preempts: Vec<String> = if cfg.timed {
+        args.preempt.clone()
+    } else {
+        vec!["-".into()]
+    };
+    for preempt in &preempts {
+        let policy = if cfg.timed {
+            sim::preempt_policy(preempt)?
+        } else {
+            sim::preempt_policy("lru")?
+        };
+        let m = KvManager::with_policy(make(), sim::manager_config(w, cfg), policy)?;
+        let pb = progress_bar(w.requests.len() as u64);
+        pb.set_message(format!("replaying ({preempt})"));
+        let mut shown = false;
+        let mut tick = |n: u64| {
+            pb.inc(n);
+            if !shown && started.elapsed() > Duration::from_secs(1) {
+                pb.set_draw_target(ProgressDrawTarget::stderr());
+                shown = true;
+            }
+        };
+        let r = if cfg.timed {
+            sim::timed(&m, w, cfg, preempt, &mut tick)?
+        } else {
+            sim::sequential(&m, w, cfg, &mut tick)?
+        };
+        pb.finish_and_clear();
+        runs.push(r);
+    }
+    Ok(runs)
+}
+
+fn simulate(args: Simulate) -> Result<()> {
+    let started = Instant::now();
+    let w = load(&args)?;
+    let bs = w.tokens_per_block;
+    let layout = args.model.layout(bs);
+    let device = capacity(&args, &w, &layout)?;
+    let timed = !args.sequential;
+    let host = args.host_blocks.unwrap_or(if timed { device } else { 0 });
+    for p in &args.policy {
+        if !matches!(p.as_str(), "lru" | "belady") {
+            bail!("unknown block eviction policy `{p}` (lru, belady)");
+        }
+    }
+    for p in &args.preempt {
+        sim::preempt_policy(p)?;
+    }
+    let cfg = SimConfig {
+        capacity_blocks: device,
+        host_blocks: host,
+        layout,
+        timed,
+        tenants: args.tenants.max(1),
+        offload: args.offload,
+        cost: CostModel {
+            prefill_tps: args.prefill_tps,
+            decode_step_s: args.decode_step_ms / 1000.0,
+            max_running: args.max_running.max(1),
+            ..CostModel::default()
+        },
+    };
+    let ideal = sim::ideal(&w);
+    let belady = sim::belady(&w, device);
+    let mut runs = Vec::new();
+    if args.policy.iter().any(|p| p == "lru") {
+        runs = if args.with_bytes {
+            let bytes = layout.block_bytes()? * (u64::from(device) + u64::from(host));
+            if bytes > 16 << 30 {
+                bail!(
+                    "--with-bytes needs {} GiB for these pools: use smaller pools or metadata mode",
+                    bytes >> 30
+                );
+            }
+            run_all(&HostBackend::new, &w, &cfg, &args)?
+        } else {
+            run_all(&MetadataBackend::new, &w, &cfg, &args)?
+        };
+    }
+    if args.policy.iter().any(|p| p == "belady") {
+        runs.push(RunResult {
+            policy: "belady".into(),
+            preempt: "-".into(),
+            block_hit_ratio: belady.block_hit_ratio,
+            token_hit_ratio: belady.token_hit_ratio,
+            ..RunResult::default()
+        });
+    }
+    for r in &mut runs {
+        r.fraction_of_optimum = if belady.block_hit_ratio > 0.0 {
+            r.block_hit_ratio / belady.block_hit_ratio
+        } else {
+            1.0
+        };
+    }
+    let report = Report {
+        workload: w.name.clone(),
+        requests: w.requests.len(),
+        block_refs: w.block_refs(),
+        unique_blocks: w.unique_blocks(),
+        tokens_per_block: bs,
+        mode: if timed { "timed" } else { "sequential" },
+        device_blocks: device,
+        host_blocks: host,
+        block_bytes: layout.block_bytes()?,
+        ideal,
+        belady,
+        runs,
+        cost_model: timed.then_some(cfg.cost),
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    if let Some(p) = &args.plot {
+        let x = if timed {
+            "simulated seconds"
+        } else {
+            "request"
+        };
+        plot::write(p, &report.runs, x)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "workload   {} ({} requests, {} block references, {} unique blocks of {} tokens)",
+        r.workload, r.requests, r.block_refs, r.unique_blocks, r.tokens_per_block
+    );
+    println!(
+        "pools      device {} blocks ({:.1}% of unique, {:.2} GiB), host {} blocks; {} replay",
+        r.device_blocks,
+        100.0 * f64::from(r.device_blocks) / r.unique_blocks.max(1) as f64,
+        (u64::from(r.device_blocks) * r.block_bytes) as f64 / (1u64 << 30) as f64,
+        r.host_blocks,
+        r.mode
+    );
+    println!(
+        "references ideal (infinite cache) {:.4} blocks / {:.4} tokens; Belady optimum {:.4} / {:.4}",
+        r.ideal.block_hit_ratio,
+        r.ideal.token_hit_ratio,
+        r.belady.block_hit_ratio,
+        r.belady.token_hit_ratio
+    );
+    println!();
+    let mut rows: Vec<(&str, Vec<String>)> = vec![
+        ("policy / preempt", vec![]),
+        ("block hit ratio", vec![]),
+        ("token hit ratio", vec![]),
+        ("of optimum", vec![]),
+        ("of ideal", vec![]),
+        ("hits device / host", vec![]),
+        ("evictions", vec![]),
+        ("swaps out / in", vec![]),
+        ("recomputed", vec![]),
+        ("rejected", vec![]),
+        ("utilization peak / mean", vec![]),
+        ("queue delay p50 / p99", vec![]),
+        ("simulated time", vec![]),
+    ];
+    for run in &r.runs {
+        let v = [
+            format!("{} / {}", run.policy, run.preempt),
+            format!("{:.4}", run.block_hit_ratio),
+            format!("{:.4}", run.token_hit_ratio),
+            format!("{:.1}%", 100.0 * run.fraction_of_optimum),
+            format!(
+                "{:.1}%",
+                100.0 * run.block_hit_ratio / r.ideal.block_hit_ratio.max(1e-12)
+            ),
+            format!("{} / {}", run.device_hit_blocks, run.host_hit_blocks),
+            run.evictions.to_string(),
+            format!("{} / {}", run.swap_outs, run.swap_ins),
+            run.recomputes.to_string(),
+            run.rejected.to_string(),
+            format!("{:.2} / {:.2}", run.peak_utilization, run.mean_utilization),
+            format!(
+                "{:.2}s / {:.2}s",
+                run.queueing_delay_p50_s, run.queueing_delay_p99_s
+            ),
+            format!("{:.0}s", run.simulated_s),
+        ];
+        for (row, val) in rows.iter_mut().zip(v) {
+            row.1.push(val);
+        }
+    }
+    for (name, vals) in rows {
+        let cells: Vec<String> = vals.iter().map(|v| format!("{v:>20}")).collect();
+        println!("{name:<24}{}", cells.join(""));
+    }
+    println!("\n({:.2} s wall)", r.wall_seconds);
+}
