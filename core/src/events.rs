@@ -3,13 +3,15 @@
 //! the caller drains. Consecutive events of one kind coalesce: stores that
 //! continue the same chain share one event, as do consecutive removals.
 
-use heapless::{Deque, Vec};
+use heapless::Vec;
 
 use crate::ids::{BlockHash, PoolId};
+use crate::storage::Slots;
 
 /// Keys carried by one event.
 pub const KEYS_PER_EVENT: usize = 4;
-/// Events a pool buffers before it starts dropping (and counting) them.
+/// Events a pool with owned storage buffers before it starts dropping (and
+/// counting) them.
 pub const EVENT_QUEUE_LEN: usize = 32;
 
 /// A batch of keys, in chain order for stores.
@@ -44,28 +46,41 @@ pub enum KvEvent {
     },
 }
 
-/// Bounded event queue. When full, new events are dropped and counted: a
-/// router that sees [`EventQueue::lost`] grow must resynchronise.
+/// Bounded event queue over caller storage (a ring). When full, new events
+/// are dropped and counted: a router that sees [`BlockPool::events_lost`]
+/// grow must resynchronise. With no storage, events are not recorded.
+///
+/// [`BlockPool::events_lost`]: crate::BlockPool::events_lost
 #[derive(Debug)]
-pub(crate) struct EventQueue {
-    queue: Deque<KvEvent, EVENT_QUEUE_LEN>,
+pub(crate) struct EventQueue<'a> {
+    buf: Slots<'a, KvEvent>,
+    head: usize,
+    len: usize,
     lost: u64,
     enabled: bool,
 }
 
-impl EventQueue {
-    pub(crate) const fn new() -> Self {
+impl KvEvent {
+    /// A placeholder for event storage (`static mut EVENTS: [KvEvent; N] = [KvEvent::EMPTY; N]`).
+    pub const EMPTY: Self = KvEvent::AllCleared { pool: PoolId(0) };
+}
+
+impl<'a> EventQueue<'a> {
+    pub(crate) fn new(buf: Slots<'a, KvEvent>) -> Self {
+        let enabled = !buf.is_empty();
         Self {
-            queue: Deque::new(),
+            buf,
+            head: 0,
+            len: 0,
             lost: 0,
-            enabled: true,
+            enabled,
         }
     }
 
     pub(crate) fn set_enabled(&mut self, on: bool) {
-        self.enabled = on;
-        if !on {
-            self.queue.clear();
+        self.enabled = on && !self.buf.is_empty();
+        if !self.enabled {
+            self.len = 0;
         }
     }
 
@@ -73,18 +88,36 @@ impl EventQueue {
         self.lost
     }
 
-    pub(crate) fn pop(&mut self) -> Option<KvEvent> {
-        self.queue.pop_front()
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.queue.len()
+    pub(crate) fn pop(&mut self) -> Option<KvEvent> {
+        if self.len == 0 {
+            return None;
+        }
+        let e = core::mem::replace(&mut self.buf[self.head], KvEvent::EMPTY);
+        self.head = (self.head + 1) % self.buf.len();
+        self.len -= 1;
+        Some(e)
+    }
+
+    fn back_mut(&mut self) -> Option<&mut KvEvent> {
+        if self.len == 0 {
+            return None;
+        }
+        let i = (self.head + self.len - 1) % self.buf.len();
+        Some(&mut self.buf[i])
     }
 
     fn push(&mut self, e: KvEvent) {
-        if self.queue.push_back(e).is_err() {
+        if self.len == self.buf.len() {
             self.lost += 1;
+            return;
         }
+        let i = (self.head + self.len) % self.buf.len();
+        self.buf[i] = e;
+        self.len += 1;
     }
 
     #[inline]
@@ -92,7 +125,7 @@ impl EventQueue {
         if !self.enabled {
             return;
         }
-        if let Some(KvEvent::BlockStored { keys, .. }) = self.queue.back_mut()
+        if let Some(KvEvent::BlockStored { keys, .. }) = self.back_mut()
             && parent.is_some()
             && keys.last().copied() == parent
             && keys.push(key).is_ok()
@@ -109,7 +142,7 @@ impl EventQueue {
         if !self.enabled {
             return;
         }
-        if let Some(KvEvent::BlockRemoved { keys, .. }) = self.queue.back_mut()
+        if let Some(KvEvent::BlockRemoved { keys, .. }) = self.back_mut()
             && keys.push(key).is_ok()
         {
             return;
@@ -124,7 +157,7 @@ impl EventQueue {
             return;
         }
         // Everything queued before a clear is superseded by it.
-        self.queue.clear();
+        self.len = 0;
         self.push(KvEvent::AllCleared { pool });
     }
 }

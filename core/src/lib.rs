@@ -21,6 +21,7 @@ pub mod pool;
 mod prefix;
 pub mod pressure;
 pub mod seq;
+pub mod shared;
 pub mod stats;
 pub mod storage;
 pub mod table;
@@ -38,6 +39,7 @@ pub use seq::{
     Allocated, Appended, CacheConfig, CacheStorage, HOLE, KvCache, MAX_POOLS, PlanSlot, PlanView,
     Prompt, PromptTokens, SeqInfo, SeqSlot,
 };
+pub use shared::{Shared, SharedPool};
 pub use stats::PoolStats;
 pub use storage::Slots;
 #[cfg(feature = "alloc")]

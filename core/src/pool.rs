@@ -216,7 +216,7 @@ pub struct BlockPool<'a> {
     evict_len: u32,
     held: u32,
     stats: PoolStats,
-    events: EventQueue,
+    events: EventQueue<'a>,
 }
 
 impl<'a> BlockPool<'a> {
@@ -274,8 +274,17 @@ impl<'a> BlockPool<'a> {
                 blocks_total: capacity,
                 ..PoolStats::default()
             },
-            events: EventQueue::new(),
+            events: EventQueue::new(Slots::Borrowed(&mut [])),
         })
+    }
+
+    /// Records events for a KV-aware router in `events` (a ring; see
+    /// [`pop_event`](Self::pop_event)). Pools built by [`new`](Self::new)
+    /// record none until given storage; [`with_capacity`](Self::with_capacity)
+    /// gives them [`EVENT_QUEUE_LEN`](crate::events::EVENT_QUEUE_LEN).
+    pub fn with_events(mut self, events: impl Into<Slots<'a, KvEvent>>) -> Self {
+        self.events = EventQueue::new(events.into());
+        self
     }
 
     /// A pool of `capacity` blocks with owned storage.
@@ -287,11 +296,12 @@ impl<'a> BlockPool<'a> {
                 max: MAX_BLOCKS,
             });
         }
-        Self::new(
+        Ok(Self::new(
             config,
             Slots::owned(capacity as usize, BlockSlot::EMPTY),
             Slots::owned(buckets_for(capacity), 0u32),
-        )
+        )?
+        .with_events(Slots::owned(crate::events::EVENT_QUEUE_LEN, KvEvent::EMPTY)))
     }
 
     /// The pool's configuration.
@@ -852,7 +862,8 @@ impl<'a> BlockPool<'a> {
     pub fn events_lost(&self) -> u64 {
         self.events.lost()
     }
-    /// Turns event recording on (the default) or off.
+    /// Turns event recording on (the default when the pool has event
+    /// storage) or off.
     pub fn set_events_enabled(&mut self, on: bool) {
         self.events.set_enabled(on);
     }

@@ -355,6 +355,22 @@ impl<'c> PlanView<'c> {
     }
 }
 
+/// Copies `len` elements from `src` to `dst` within one slice, where the two
+/// ranges are rows of different sequences (never overlapping): a `memcpy`,
+/// not the `memmove` of `copy_within` (smaller code on microcontrollers).
+fn copy_disjoint<T: Copy>(v: &mut [T], src: usize, dst: usize, len: usize) {
+    if src == dst || len == 0 {
+        return;
+    }
+    if src < dst {
+        let (a, b) = v.split_at_mut(dst);
+        b[..len].copy_from_slice(&a[src..src + len]);
+    } else {
+        let (a, b) = v.split_at_mut(src);
+        a[dst..dst + len].copy_from_slice(&b[..len]);
+    }
+}
+
 /// Which pools a move may go between.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum MoveKind {
@@ -925,11 +941,13 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
                 return Err(e);
             }
         }
-        self.tables.copy_within(ps..ps + s.blocks as usize, cs);
+        copy_disjoint(&mut self.tables, ps, cs, s.blocks as usize);
         let tw = self.config.tokens_per_block as usize;
-        self.pending.copy_within(
-            parent.index as usize * tw..(parent.index as usize + 1) * tw,
+        copy_disjoint(
+            &mut self.pending,
+            parent.index as usize * tw,
             ci as usize * tw,
+            tw,
         );
         Ok(self.commit_seq_slot(ci, s))
     }
@@ -976,7 +994,7 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
                 return Err(e);
             }
         }
-        self.tables.copy_within(ss..ss + k as usize, ts);
+        copy_disjoint(&mut self.tables, ss, ts, k as usize);
         // Chain state: the target's keyed prefix is the source's, cut at `tokens`.
         let keyed = s.keyed_blocks.min(tokens / bs);
         let rem = (tokens % bs) as usize;
@@ -998,9 +1016,11 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
             // The partial block's tokens are known only if it is the source's partial block.
             if hashing && k == s.blocks && s.tokens % bs != 0 {
                 let tw = bs as usize;
-                self.pending.copy_within(
-                    source.index as usize * tw..source.index as usize * tw + rem,
+                copy_disjoint(
+                    &mut self.pending,
+                    source.index as usize * tw,
                     target.index as usize * tw,
+                    rem,
                 );
             } else {
                 hashing = false;
