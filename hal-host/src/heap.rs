@@ -3,10 +3,10 @@
 use alloc::alloc::{Layout, alloc_zeroed, dealloc};
 use core::ptr::NonNull;
 
-use pagedkv_core::{Backend, MemoryKind, QuantFormat, Quantize, RegionDesc, ValidatedBatch};
+use pagedkv_core::{Backend, MemoryKind, RegionDesc};
 
 use crate::region::{new_owner, region_len};
-use crate::{HostError, HostFence, HostRegion, REGION_ALIGN, copy, quant};
+use crate::{HostError, HostFence, HostRegion, REGION_ALIGN};
 
 /// Memory kinds tracked: host, pinned host, and devices `0..MAX_DEVICES`.
 pub(crate) const MAX_DEVICES: usize = 16;
@@ -104,10 +104,6 @@ impl Backend for HostBackend {
         })
     }
 
-    fn region_desc(&self, region: &HostRegion) -> RegionDesc {
-        region.desc
-    }
-
     unsafe fn destroy_region(&mut self, region: HostRegion) {
         if self.check(&region).is_err() {
             return; // Not ours: leaking is the only safe answer.
@@ -126,82 +122,7 @@ impl Backend for HostBackend {
         };
     }
 
-    unsafe fn copy_blocks(
-        &mut self,
-        src: &HostRegion,
-        dst: &HostRegion,
-        batch: ValidatedBatch<'_>,
-    ) -> Result<HostFence, HostError> {
-        self.check(src)?;
-        self.check(dst)?;
-        // SAFETY: both regions are ours and live (caller), and the caller
-        // keeps other accesses off the batch's blocks during the call.
-        unsafe { copy::copy_batch(src, dst, &batch)? };
-        Ok(self.fence())
-    }
-
-    fn write_bytes(
-        &mut self,
-        region: &HostRegion,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), HostError> {
-        self.check(region)?;
-        // SAFETY: ours, hence live until `destroy_region`, which consumes it;
-        // copies complete synchronously, so nothing else touches it now.
-        unsafe { copy::write(region, offset, data) }
-    }
-
-    fn read_bytes(
-        &mut self,
-        region: &HostRegion,
-        offset: u64,
-        out: &mut [u8],
-    ) -> Result<(), HostError> {
-        self.check(region)?;
-        // SAFETY: as in `write_bytes`.
-        unsafe { copy::read(region, offset, out) }
-    }
-
-    fn region_address(&self, region: &HostRegion) -> Option<u64> {
-        Some(region.as_ptr() as u64)
-    }
-
-    fn poll(&mut self, _fence: &HostFence) -> Result<bool, HostError> {
-        Ok(true)
-    }
-
-    fn wait(&mut self, _fence: &HostFence) -> Result<(), HostError> {
-        Ok(())
-    }
+    crate::common::backend_methods!();
 }
 
-impl Quantize for HostBackend {
-    unsafe fn quantize(
-        &mut self,
-        src: &HostRegion,
-        dst: &HostRegion,
-        batch: ValidatedBatch<'_>,
-        format: QuantFormat,
-    ) -> Result<HostFence, HostError> {
-        self.check(src)?;
-        self.check(dst)?;
-        // SAFETY: as in `copy_blocks`.
-        unsafe { quant::run(src, dst, &batch, format, quant::Direction::Quantize)? };
-        Ok(self.fence())
-    }
-
-    unsafe fn dequantize(
-        &mut self,
-        src: &HostRegion,
-        dst: &HostRegion,
-        batch: ValidatedBatch<'_>,
-        format: QuantFormat,
-    ) -> Result<HostFence, HostError> {
-        self.check(src)?;
-        self.check(dst)?;
-        // SAFETY: as in `copy_blocks`.
-        unsafe { quant::run(src, dst, &batch, format, quant::Direction::Dequantize)? };
-        Ok(self.fence())
-    }
-}
+crate::common::quantize_impl!(HostBackend);

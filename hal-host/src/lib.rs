@@ -9,6 +9,7 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+mod common;
 mod copy;
 mod error;
 #[cfg(feature = "alloc")]

@@ -3,10 +3,10 @@
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 
-use pagedkv_core::{Backend, QuantFormat, Quantize, RegionDesc, ValidatedBatch};
+use pagedkv_core::{Backend, RegionDesc};
 
 use crate::region::{new_owner, region_len};
-use crate::{HostError, HostFence, HostRegion, REGION_ALIGN, copy, quant};
+use crate::{HostError, HostFence, HostRegion, REGION_ALIGN};
 
 /// A backend over one caller-provided arena (for firmware: a `static mut`
 /// byte array, or a linker-placed SRAM section). Regions are carved out in
@@ -106,10 +106,6 @@ impl Backend for StaticBackend<'_> {
         })
     }
 
-    fn region_desc(&self, region: &HostRegion) -> RegionDesc {
-        region.desc
-    }
-
     unsafe fn destroy_region(&mut self, region: HostRegion) {
         if self.check(&region).is_err() {
             return;
@@ -130,81 +126,7 @@ impl Backend for StaticBackend<'_> {
         }
     }
 
-    unsafe fn copy_blocks(
-        &mut self,
-        src: &HostRegion,
-        dst: &HostRegion,
-        batch: ValidatedBatch<'_>,
-    ) -> Result<HostFence, HostError> {
-        self.check(src)?;
-        self.check(dst)?;
-        // SAFETY: both regions are ours, inside the arena borrowed for `'a`,
-        // and the caller keeps other accesses off the batch's blocks.
-        unsafe { copy::copy_batch(src, dst, &batch)? };
-        Ok(self.fence())
-    }
-
-    fn write_bytes(
-        &mut self,
-        region: &HostRegion,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), HostError> {
-        self.check(region)?;
-        // SAFETY: ours, inside the arena; copies are synchronous.
-        unsafe { copy::write(region, offset, data) }
-    }
-
-    fn read_bytes(
-        &mut self,
-        region: &HostRegion,
-        offset: u64,
-        out: &mut [u8],
-    ) -> Result<(), HostError> {
-        self.check(region)?;
-        // SAFETY: as in `write_bytes`.
-        unsafe { copy::read(region, offset, out) }
-    }
-
-    fn region_address(&self, region: &HostRegion) -> Option<u64> {
-        Some(region.as_ptr() as u64)
-    }
-
-    fn poll(&mut self, _fence: &HostFence) -> Result<bool, HostError> {
-        Ok(true)
-    }
-
-    fn wait(&mut self, _fence: &HostFence) -> Result<(), HostError> {
-        Ok(())
-    }
+    crate::common::backend_methods!();
 }
 
-impl Quantize for StaticBackend<'_> {
-    unsafe fn quantize(
-        &mut self,
-        src: &HostRegion,
-        dst: &HostRegion,
-        batch: ValidatedBatch<'_>,
-        format: QuantFormat,
-    ) -> Result<HostFence, HostError> {
-        self.check(src)?;
-        self.check(dst)?;
-        // SAFETY: as in `copy_blocks`.
-        unsafe { quant::run(src, dst, &batch, format, quant::Direction::Quantize)? };
-        Ok(self.fence())
-    }
-
-    unsafe fn dequantize(
-        &mut self,
-        src: &HostRegion,
-        dst: &HostRegion,
-        batch: ValidatedBatch<'_>,
-        format: QuantFormat,
-    ) -> Result<HostFence, HostError> {
-        self.check(src)?;
-        self.check(dst)?;
-        // SAFETY: as in `copy_blocks`.
-        unsafe { quant::run(src, dst, &batch, format, quant::Direction::Dequantize)? };
-        Ok(self.fence())
-    }
-}
+crate::common::quantize_impl!(StaticBackend<'_>);

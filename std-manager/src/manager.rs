@@ -445,27 +445,30 @@ where
             .collect()
     }
 
+    /// The pool and block of entry `index` of a request's table.
+    fn locate(&self, id: RequestId, index: usize) -> Result<(PoolId, BlockId)> {
+        let inner = lock(&self.shared.inner);
+        let st = inner
+            .reqs
+            .get(&id)
+            .ok_or(ManagerError::UnknownRequest(id))?;
+        let info = inner.cache.info(st.seq)?;
+        let b = *inner
+            .cache
+            .table(st.seq)?
+            .get(index)
+            .ok_or(ManagerError::LayoutMismatch("block index past the table"))?;
+        Ok((info.pool, b))
+    }
+
     /// Reads the bytes of block `index` of a request's table (tests and
     /// checksums). The request must be on a device or the host tier.
     pub fn read_block(&self, id: RequestId, index: usize) -> Result<Vec<u8>> {
-        let (pool, block) = {
-            let inner = lock(&self.shared.inner);
-            let st = inner
-                .reqs
-                .get(&id)
-                .ok_or(ManagerError::UnknownRequest(id))?;
-            let info = inner.cache.info(st.seq)?;
-            let t = inner.cache.table(st.seq)?;
-            let b = *t
-                .get(index)
-                .ok_or(ManagerError::LayoutMismatch("block index past the table"))?;
-            (info.pool, b)
-        };
+        let (pool, block) = self.locate(id, index)?;
         let mut dev = lock(&self.shared.dev);
         let DevSide { backend, pools, .. } = &mut *dev;
         let m = &pools[pool.0 as usize];
-        let bb = m.layout.block_bytes()? as usize;
-        let mut out = vec![0u8; bb];
+        let mut out = vec![0u8; m.layout.block_bytes()? as usize];
         read_block_bytes(backend, m, block, &mut out)?;
         Ok(out)
     }
@@ -473,20 +476,7 @@ where
     /// Writes the bytes of block `index` of a request's table (what a kernel
     /// would do; tests use it to fill KV).
     pub fn write_block(&self, id: RequestId, index: usize, data: &[u8]) -> Result<()> {
-        let (pool, block) = {
-            let inner = lock(&self.shared.inner);
-            let st = inner
-                .reqs
-                .get(&id)
-                .ok_or(ManagerError::UnknownRequest(id))?;
-            let info = inner.cache.info(st.seq)?;
-            let b = *inner
-                .cache
-                .table(st.seq)?
-                .get(index)
-                .ok_or(ManagerError::LayoutMismatch("block index past the table"))?;
-            (info.pool, b)
-        };
+        let (pool, block) = self.locate(id, index)?;
         let mut dev = lock(&self.shared.dev);
         let DevSide { backend, pools, .. } = &mut *dev;
         write_block_bytes(backend, &pools[pool.0 as usize], block, data)
@@ -532,9 +522,14 @@ where
 
     // ---- two-phase moves ----------------------------------------------------
 
-    /// Runs a planned move: copies (or quantizes) under `dev`, waits without
-    /// locks, commits under `inner`; aborts on failure or cancellation.
-    async fn run_plan(&self, plan: PlanId, op: CopyOp, during: &'static str) -> Result<()> {
+    /// Snapshots a planned move's copies and submits them under `dev`; the
+    /// returned guard aborts the plan unless the move is committed.
+    fn start_plan(
+        &self,
+        plan: PlanId,
+        op: CopyOp,
+        during: &'static str,
+    ) -> Result<PlanGuard<'_, B>> {
         let (src, dst, copies) = {
             let inner = lock(&self.shared.inner);
             let v = inner.cache.plan(plan)?;
@@ -546,44 +541,37 @@ where
             fences: Vec::new(),
             armed: true,
         };
-        {
-            let mut dev = lock(&self.shared.dev);
-            submit(&mut dev, src, dst, &copies, op, &mut guard.fences)
-                .map_err(|e| relabel(e, during))?;
-        }
-        wait_fences(&self.shared, &mut guard.fences, during).await?;
-        {
-            let mut inner = lock(&self.shared.inner);
-            inner.cache.commit(plan)?;
-        }
+        let mut dev = lock(&self.shared.dev);
+        submit(&mut dev, src, dst, &copies, op, &mut guard.fences)
+            .map_err(|e| relabel(e, during))?;
+        Ok(guard)
+    }
+
+    /// Commits a move whose copies completed.
+    fn commit_plan(&self, mut guard: PlanGuard<'_, B>) -> Result<()> {
+        lock(&self.shared.inner).cache.commit(guard.plan)?;
         guard.armed = false;
         Ok(())
     }
 
+    /// Runs a planned move: copies (or quantizes) under `dev`, waits without
+    /// locks, commits under `inner`; aborts on failure or cancellation.
+    async fn run_plan(&self, plan: PlanId, op: CopyOp, during: &'static str) -> Result<()> {
+        let mut guard = self.start_plan(plan, op, during)?;
+        wait_fences(&self.shared, &mut guard.fences, during).await?;
+        self.commit_plan(guard)
+    }
+
     /// The same, blocking (for the synchronous `BlockAllocator::defragment`).
     fn run_plan_blocking(&self, plan: PlanId, op: CopyOp, during: &'static str) -> Result<()> {
-        let (src, dst, copies) = {
-            let inner = lock(&self.shared.inner);
-            let v = inner.cache.plan(plan)?;
-            (v.src_pool, v.dst_pool, v.copies().collect::<Vec<_>>())
-        };
-        let mut guard = PlanGuard {
-            shared: &*self.shared,
-            plan,
-            fences: Vec::new(),
-            armed: true,
-        };
+        let mut guard = self.start_plan(plan, op, during)?;
         {
             let mut dev = lock(&self.shared.dev);
-            submit(&mut dev, src, dst, &copies, op, &mut guard.fences)
-                .map_err(|e| relabel(e, during))?;
             for f in guard.fences.drain(..) {
                 dev.backend.wait(&f).map_err(backend_err(during))?;
             }
         }
-        lock(&self.shared.inner).cache.commit(plan)?;
-        guard.armed = false;
-        Ok(())
+        self.commit_plan(guard)
     }
 
     async fn move_request(&self, id: RequestId, to: Place) -> Result<()> {

@@ -29,6 +29,20 @@ struct Accesses {
     count: HashMap<RequestId, u64>,
 }
 
+impl Accesses {
+    fn record(m: &Mutex<Self>, id: RequestId, at: Instant) {
+        let mut a = lock(m);
+        a.last.insert(id, at);
+        *a.count.entry(id).or_default() += 1;
+    }
+
+    fn forget(m: &Mutex<Self>, id: RequestId) {
+        let mut a = lock(m);
+        a.last.remove(&id);
+        a.count.remove(&id);
+    }
+}
+
 /// Least recently used first. A request never seen counts as the oldest
 /// (the seed treated it as the newest, so it could never be chosen).
 #[derive(Debug, Default)]
@@ -60,14 +74,10 @@ impl CacheEvictionPolicy for LruEvictionPolicy {
         )
     }
     fn record_access(&self, id: RequestId, at: Instant) {
-        let mut a = lock(&self.0);
-        a.last.insert(id, at);
-        *a.count.entry(id).or_default() += 1;
+        Accesses::record(&self.0, id, at);
     }
     fn forget(&self, id: RequestId) {
-        let mut a = lock(&self.0);
-        a.last.remove(&id);
-        a.count.remove(&id);
+        Accesses::forget(&self.0, id);
     }
     fn name(&self) -> &str {
         "lru"
@@ -105,14 +115,10 @@ impl CacheEvictionPolicy for LfuEvictionPolicy {
         )
     }
     fn record_access(&self, id: RequestId, at: Instant) {
-        let mut a = lock(&self.0);
-        a.last.insert(id, at);
-        *a.count.entry(id).or_default() += 1;
+        Accesses::record(&self.0, id, at);
     }
     fn forget(&self, id: RequestId) {
-        let mut a = lock(&self.0);
-        a.last.remove(&id);
-        a.count.remove(&id);
+        Accesses::forget(&self.0, id);
     }
     fn name(&self) -> &str {
         "lfu"

@@ -35,22 +35,28 @@ fn block_bytes(layout: &KvLayout) -> usize {
     layout.block_bytes().unwrap() as usize
 }
 
-/// Reads the bytes of block `b` (every part, in part order).
-pub fn read_block<B: Backend>(be: &mut B, r: &B::Region, b: u32) -> Vec<u8> {
+/// The (layer, K/V) parts of a block, in order, with their byte offsets.
+fn parts<B: Backend>(be: &B, r: &B::Region, b: u32) -> Vec<u64> {
     let d = be.region_desc(r);
     let l = d.layout;
-    let pb = l.part_bytes().unwrap() as usize;
-    let mut out = vec![0u8; block_bytes(&l)];
-    for (p, chunk) in out.chunks_mut(pb).enumerate() {
-        let (layer, part) = (
-            p as u32 / 2,
-            if p % 2 == 0 {
+    (0..2 * l.layers)
+        .map(|p| {
+            let part = if p % 2 == 0 {
                 pagedkv_core::KvPart::Key
             } else {
                 pagedkv_core::KvPart::Value
-            },
-        );
-        let off = l.offset(d.block_count, BlockId(b), layer, part).unwrap();
+            };
+            l.offset(d.block_count, BlockId(b), p / 2, part).unwrap()
+        })
+        .collect()
+}
+
+/// Reads the bytes of block `b` (every part, in part order).
+pub fn read_block<B: Backend>(be: &mut B, r: &B::Region, b: u32) -> Vec<u8> {
+    let l = be.region_desc(r).layout;
+    let pb = l.part_bytes().unwrap() as usize;
+    let mut out = vec![0u8; block_bytes(&l)];
+    for (off, chunk) in parts(be, r, b).into_iter().zip(out.chunks_mut(pb)) {
         be.read_bytes(r, off, chunk).expect("read_bytes");
     }
     out
@@ -58,19 +64,9 @@ pub fn read_block<B: Backend>(be: &mut B, r: &B::Region, b: u32) -> Vec<u8> {
 
 /// Writes the bytes of block `b` (every part, in part order).
 pub fn write_block<B: Backend>(be: &mut B, r: &B::Region, b: u32, data: &[u8]) {
-    let d = be.region_desc(r);
-    let l = d.layout;
+    let l = be.region_desc(r).layout;
     let pb = l.part_bytes().unwrap() as usize;
-    for (p, chunk) in data.chunks(pb).enumerate() {
-        let (layer, part) = (
-            p as u32 / 2,
-            if p % 2 == 0 {
-                pagedkv_core::KvPart::Key
-            } else {
-                pagedkv_core::KvPart::Value
-            },
-        );
-        let off = l.offset(d.block_count, BlockId(b), layer, part).unwrap();
+    for (off, chunk) in parts(be, r, b).into_iter().zip(data.chunks(pb)) {
         be.write_bytes(r, off, chunk).expect("write_bytes");
     }
 }
