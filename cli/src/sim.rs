@@ -164,6 +164,29 @@ pub(crate) struct Reference {
     pub(crate) token_hit_ratio: f64,
 }
 
+/// Hashing for maps keyed by block keys, which are uniform 128-bit hashes
+/// already: their low 64 bits are the hash.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().take(8) {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type KeyBuild = std::hash::BuildHasherDefault<KeyHasher>;
+pub(crate) type KeyMap<V> = HashMap<u128, V, KeyBuild>;
+pub(crate) type KeySet = HashSet<u128, KeyBuild>;
+
 fn hit_tokens(r: &Request, hit_blocks: u64, bs: u32) -> u64 {
     (hit_blocks * u64::from(bs)).min(u64::from(r.prompt_tokens.max(r.keys.len() as u32 * bs)))
 }
@@ -174,7 +197,7 @@ fn prompt_tokens_of(r: &Request, bs: u32) -> u64 {
 
 /// The infinite cache: every block ever seen stays; stop at the first miss.
 pub(crate) fn ideal(w: &Workload) -> Reference {
-    let mut seen: HashSet<u128> = HashSet::new();
+    let mut seen = KeySet::default();
     let (mut hits, mut refs, mut ht, mut qt) = (0u64, 0u64, 0u64, 0u64);
     for r in &w.requests {
         let h = r.keys.iter().take_while(|k| seen.contains(k)).count() as u64;
@@ -206,7 +229,7 @@ pub(crate) fn belady(w: &Workload, capacity: u32) -> Reference {
     const NEVER: usize = usize::MAX;
     // next[i][k]: the next request after i that uses key k of request i.
     let mut next: Vec<Vec<usize>> = vec![Vec::new(); n];
-    let mut last: HashMap<u128, usize> = HashMap::new();
+    let mut last: KeyMap<usize> = KeyMap::default();
     for i in (0..n).rev() {
         next[i] = w.requests[i]
             .keys
@@ -221,7 +244,7 @@ pub(crate) fn belady(w: &Workload, capacity: u32) -> Reference {
     // key -> (next use, depth in its chain). Ties in next use evict the
     // deeper block first: a cached child of an evicted parent is useless
     // when lookups stop at the first miss.
-    let mut cached: HashMap<u128, (usize, usize)> = HashMap::new();
+    let mut cached: KeyMap<(usize, usize)> = KeyMap::default();
     let mut order: BTreeSet<(usize, usize, u128)> = BTreeSet::new(); // unpinned
     let (mut hits, mut refs, mut ht, mut qt) = (0u64, 0u64, 0u64, 0u64);
     for (i, r) in w.requests.iter().enumerate() {

@@ -47,14 +47,11 @@ impl Workload {
 
     /// Distinct keys.
     pub(crate) fn unique_blocks(&self) -> u64 {
-        let mut all: Vec<u128> = self
-            .requests
-            .iter()
-            .flat_map(|r| r.keys.iter().copied())
-            .collect();
-        all.sort_unstable();
-        all.dedup();
-        all.len() as u64
+        let mut seen = crate::sim::KeySet::default();
+        for r in &self.requests {
+            seen.extend(r.keys.iter().copied());
+        }
+        seen.len() as u64
     }
 }
 
