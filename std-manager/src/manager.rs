@@ -575,7 +575,7 @@ where
     }
 
     async fn move_request(&self, id: RequestId, to: Place) -> Result<()> {
-        let (plan, op) = {
+        let (plan, op, from) = {
             let mut inner = lock(&self.shared.inner);
             let st = inner
                 .reqs
@@ -604,7 +604,7 @@ where
                 }
                 _ => return Err(pagedkv_core::Error::NotOnDevice(seq).into()),
             };
-            (plan, op)
+            (plan, op, from)
         };
         self.run_plan(plan, op, "moving a request").await?;
         let mut inner = lock(&self.shared.inner);
@@ -618,9 +618,9 @@ where
                 Place::Host => {}
             }
         }
-        match (op, to) {
-            (CopyOp::Copy, Place::Host) => inner.stats.swap_outs += 1,
-            (CopyOp::Copy, Place::Device(_)) => inner.stats.swap_ins += 1,
+        match (from, to) {
+            (_, Place::Host) => inner.stats.swap_outs += 1,
+            (Place::Host, _) => inner.stats.swap_ins += 1,
             _ => {}
         }
         Ok(())
