@@ -397,7 +397,7 @@ fn print_table(r: &Report) {
         r.mode
     );
     println!(
-        "references ideal (infinite cache) {:.4} blocks / {:.4} tokens; Belady optimum {:.4} / {:.4}",
+        "references ideal (infinite cache) {:.4} blocks / {:.4} tokens; Belady optimum (same capacity, arrival order) {:.4} / {:.4}",
         r.ideal.block_hit_ratio,
         r.ideal.token_hit_ratio,
         r.belady.block_hit_ratio,
@@ -410,7 +410,8 @@ fn print_table(r: &Report) {
         ("token hit ratio", vec![]),
         ("of optimum", vec![]),
         ("of ideal", vec![]),
-        ("hits device / host", vec![]),
+        ("hit ratio device / host", vec![]),
+        ("hit blocks device / host", vec![]),
         ("evictions", vec![]),
         ("swaps out / in", vec![]),
         ("recomputed", vec![]),
@@ -428,6 +429,11 @@ fn print_table(r: &Report) {
             format!(
                 "{:.1}%",
                 100.0 * run.block_hit_ratio / r.ideal.block_hit_ratio.max(1e-12)
+            ),
+            format!(
+                "{:.4} / {:.4}",
+                run.device_hit_blocks as f64 / run.query_blocks.max(1) as f64,
+                run.host_hit_blocks as f64 / run.query_blocks.max(1) as f64
             ),
             format!("{} / {}", run.device_hit_blocks, run.host_hit_blocks),
             run.evictions.to_string(),
