@@ -364,7 +364,6 @@ where
 fn finish<B: ManagedBackend>(
     m: &KvManager<B>,
     mut res: RunResult,
-    w: &Workload,
     samples: Vec<Sample>,
     hit_tokens: u64,
     query_tokens: u64,
@@ -401,7 +400,6 @@ where
     } else {
         samples.iter().map(|p| p.utilization).sum::<f64>() / samples.len() as f64
     };
-    let _ = w;
     res.samples = downsample(samples, 2000);
     res
 }
@@ -471,7 +469,7 @@ where
         }
         progress(1);
     }
-    Ok(finish(m, res, w, samples, ht, qt))
+    Ok(finish(m, res, samples, ht, qt))
 }
 
 struct Running {
@@ -595,7 +593,10 @@ where
                 }
             }
             let r = &w.requests[running[i].req];
-            let tok = r.output.as_ref().map(|o| o[running[i].decoded as usize]);
+            let tok = r
+                .output
+                .as_ref()
+                .and_then(|o| o.get(running[i].decoded as usize).copied());
             let ext = match tok {
                 Some(t) => block_on(m.extend_tokens(id, &[t])),
                 None => block_on(m.extend(id, 1)),
@@ -649,6 +650,5 @@ where
     res.queueing_delay_p50_s = pct(0.5);
     res.queueing_delay_p99_s = pct(0.99);
     res.simulated_s = now;
-    let _ = m.compression_stats();
-    Ok(finish(m, res, w, samples, ht, qt))
+    Ok(finish(m, res, samples, ht, qt))
 }

@@ -671,7 +671,6 @@ where
         let m = &mut pools[d];
         let backed = m.chunk * m.regions.len() as u32;
         if backed < max && online + m.chunk > backed {
-            let n = m.chunk.min(max - backed);
             let region = backend
                 .create_region(&RegionDesc {
                     block_count: m.chunk,
@@ -682,7 +681,6 @@ where
             let base = backend.region_address(&region).unwrap_or(0);
             m.regions.push(region);
             inner.bases[d].push(base);
-            let _ = n;
         }
         let backed = m.chunk * m.regions.len() as u32;
         let to = backed.min(max);
@@ -1982,7 +1980,6 @@ where
                     .anon
                     .iter()
                     .flat_map(|(b, _)| b.last())
-                    .filter(|_| true)
                     .map(|b| b.0 + 1)
                     .max()
                     .unwrap_or(0);
@@ -2103,7 +2100,7 @@ where
     async fn rebalance_devices(&self) -> Result<()> {
         let n = self.shared.devices.len();
         for _ in 0..64 {
-            let (hi, lo, pick) = {
+            let (lo, pick) = {
                 let inner = lock(&self.shared.inner);
                 let util = |d: usize| {
                     inner
@@ -2136,9 +2133,8 @@ where
                     })
                     .filter(|&(_, b)| b <= lo_free)
                     .min_by_key(|&(id, b)| (b, id));
-                (hi, lo, pick)
+                (lo, pick)
             };
-            let _ = hi;
             match pick {
                 Some((id, _)) => self.move_request(id, Place::Device(lo)).await?,
                 None => return Ok(()),
