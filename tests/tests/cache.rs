@@ -372,3 +372,41 @@ fn shrink_then_relocate_compacts_a_pool() {
     c.pool_mut(GPU).unwrap().grow(8).unwrap();
     c.check_invariants().unwrap();
 }
+
+#[test]
+fn a_full_event_queue_counts_what_it_drops() {
+    use pagedkv_core::{BlockPool, BlockSlot, KvEvent, PoolConfig, buckets_for};
+    let mut slots = [BlockSlot::EMPTY; 8];
+    let mut index = [0u32; buckets_for(8)];
+    let mut events = [KvEvent::EMPTY; 2];
+    let mut pool = BlockPool::new(PoolConfig::device(0, 4), &mut slots[..], &mut index[..])
+        .unwrap()
+        .with_events(&mut events[..]);
+    // Unrelated keys (no parent chain): one event each.
+    for k in 0..5u128 {
+        let b = pool.allocate_one().unwrap();
+        pool.register(b, BlockHash(100 + k), None).unwrap();
+    }
+    assert_eq!(pool.pending_events(), 2);
+    assert_eq!(
+        pool.events_lost(),
+        3,
+        "a router must learn it missed events"
+    );
+    assert!(matches!(
+        pool.pop_event(),
+        Some(KvEvent::BlockStored { .. })
+    ));
+    assert!(matches!(
+        pool.pop_event(),
+        Some(KvEvent::BlockStored { .. })
+    ));
+    assert_eq!(pool.pop_event(), None);
+    // Without event storage nothing is recorded, and nothing counts as lost.
+    let mut s2 = [BlockSlot::EMPTY; 4];
+    let mut i2 = [0u32; buckets_for(4)];
+    let mut quiet = BlockPool::new(PoolConfig::device(1, 4), &mut s2[..], &mut i2[..]).unwrap();
+    let b = quiet.allocate_one().unwrap();
+    quiet.register(b, BlockHash(7), None).unwrap();
+    assert_eq!((quiet.pending_events(), quiet.events_lost()), (0, 0));
+}
