@@ -107,16 +107,32 @@ pub(crate) fn mooncake(path: &Path, tokens_per_block: u32) -> Result<Workload> {
             })?;
             keys.extend((0..split).map(|j| sub_key(id, j)));
         }
-        requests.push(Request {
-            arrival_s: ts as f64 / 1000.0,
-            prompt_tokens: input,
-            output_tokens: output,
+        requests.push(Request::from_trace(ts as f64 / 1000.0, input, output, keys));
+    }
+    trace_workload(path, requests, tokens_per_block)
+}
+
+impl Request {
+    /// A request of a trace: lengths and block keys, no token ids.
+    fn from_trace(arrival_s: f64, prompt_tokens: u32, output_tokens: u32, keys: Vec<u128>) -> Self {
+        Self {
+            arrival_s,
+            prompt_tokens,
+            output_tokens,
             keys,
             tokens: None,
             output: None,
             tenant: 0,
-        });
+        }
     }
+}
+
+/// The requests of a trace file, sorted by arrival; an empty trace is an error.
+fn trace_workload(
+    path: &Path,
+    mut requests: Vec<Request>,
+    tokens_per_block: u32,
+) -> Result<Workload> {
     if requests.is_empty() {
         bail!("{}: no requests", path.display());
     }
@@ -213,25 +229,9 @@ pub(crate) fn azure(path: &Path, tokens_per_block: u32, system_tokens: u32) -> R
                 }
             })
             .collect();
-        requests.push(Request {
-            arrival_s: ts - t0,
-            prompt_tokens: ctx,
-            output_tokens: gen_tokens,
-            keys,
-            tokens: None,
-            output: None,
-            tenant: 0,
-        });
+        requests.push(Request::from_trace(ts - t0, ctx, gen_tokens, keys));
     }
-    if requests.is_empty() {
-        bail!("{}: no requests", path.display());
-    }
-    sort_stable(&mut requests);
-    Ok(Workload {
-        name: file_name(path),
-        requests,
-        tokens_per_block,
-    })
+    trace_workload(path, requests, tokens_per_block)
 }
 
 /// A seeded random source (SplitMix64).

@@ -15,13 +15,13 @@ macro_rules! backend_methods {
             dst: &$crate::HostRegion,
             batch: pagedkv_core::ValidatedBatch<'_>,
         ) -> Result<$crate::HostFence, $crate::HostError> {
-            self.check(src)?;
-            self.check(dst)?;
+            self.stamp.check(src)?;
+            self.stamp.check(dst)?;
             // SAFETY: both regions are this backend's and live (the caller's
             // contract), and the caller keeps other accesses off the batch's
             // blocks during the call.
             unsafe { $crate::copy::copy_batch(src, dst, &batch)? };
-            Ok(self.fence())
+            Ok(self.stamp.fence())
         }
 
         fn write_bytes(
@@ -30,7 +30,7 @@ macro_rules! backend_methods {
             offset: u64,
             data: &[u8],
         ) -> Result<(), $crate::HostError> {
-            self.check(region)?;
+            self.stamp.check(region)?;
             // SAFETY: ours, hence live until `destroy_region` consumes it;
             // copies complete synchronously, so nothing else touches it now.
             unsafe { $crate::copy::write(region, offset, data) }
@@ -42,7 +42,7 @@ macro_rules! backend_methods {
             offset: u64,
             out: &mut [u8],
         ) -> Result<(), $crate::HostError> {
-            self.check(region)?;
+            self.stamp.check(region)?;
             // SAFETY: as in `write_bytes`.
             unsafe { $crate::copy::read(region, offset, out) }
         }
@@ -72,19 +72,17 @@ macro_rules! quantize_impl {
                 batch: pagedkv_core::ValidatedBatch<'_>,
                 format: pagedkv_core::QuantFormat,
             ) -> Result<$crate::HostFence, $crate::HostError> {
-                self.check(src)?;
-                self.check(dst)?;
-                // SAFETY: as in `copy_blocks`.
+                // SAFETY: forwarded contract (as `copy_blocks`).
                 unsafe {
-                    $crate::quant::run(
+                    $crate::common::quant_batch(
+                        &mut self.stamp,
                         src,
                         dst,
                         &batch,
                         format,
                         $crate::quant::Direction::Quantize,
-                    )?
-                };
-                Ok(self.fence())
+                    )
+                }
             }
 
             unsafe fn dequantize(
@@ -94,22 +92,42 @@ macro_rules! quantize_impl {
                 batch: pagedkv_core::ValidatedBatch<'_>,
                 format: pagedkv_core::QuantFormat,
             ) -> Result<$crate::HostFence, $crate::HostError> {
-                self.check(src)?;
-                self.check(dst)?;
-                // SAFETY: as in `copy_blocks`.
+                // SAFETY: forwarded contract (as `copy_blocks`).
                 unsafe {
-                    $crate::quant::run(
+                    $crate::common::quant_batch(
+                        &mut self.stamp,
                         src,
                         dst,
                         &batch,
                         format,
                         $crate::quant::Direction::Dequantize,
-                    )?
-                };
-                Ok(self.fence())
+                    )
+                }
             }
         }
     };
+}
+
+/// Checks both regions are the backend's, runs the conversion, fences.
+///
+/// # Safety
+///
+/// As `Backend::copy_blocks`: both regions live, no other access to the
+/// batch's blocks during the call.
+pub(crate) unsafe fn quant_batch(
+    stamp: &mut crate::region::Stamp,
+    src: &crate::HostRegion,
+    dst: &crate::HostRegion,
+    batch: &pagedkv_core::ValidatedBatch<'_>,
+    format: pagedkv_core::QuantFormat,
+    dir: crate::quant::Direction,
+) -> Result<crate::HostFence, crate::HostError> {
+    stamp.check(src)?;
+    stamp.check(dst)?;
+    // SAFETY: the regions are the backend's (checked) and live; the caller
+    // keeps other accesses off the batch's blocks.
+    unsafe { crate::quant::run(src, dst, batch, format, dir)? };
+    Ok(stamp.fence())
 }
 
 pub(crate) use {backend_methods, quantize_impl};

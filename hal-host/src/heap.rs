@@ -5,7 +5,7 @@ use core::ptr::NonNull;
 
 use pagedkv_core::{Backend, MemoryKind, RegionDesc};
 
-use crate::region::{new_owner, region_len};
+use crate::region::{Stamp, region_len};
 use crate::{HostError, HostFence, HostRegion, REGION_ALIGN};
 
 /// Memory kinds tracked: host, pinned host, and devices `0..MAX_DEVICES`.
@@ -24,10 +24,9 @@ pub(crate) fn kind_slot(m: MemoryKind) -> Result<usize, HostError> {
 /// (so tests can simulate small devices and see out-of-memory).
 #[derive(Debug)]
 pub struct HostBackend {
-    owner: usize,
+    stamp: Stamp,
     limits: [u64; 2 + MAX_DEVICES],
     used: [u64; 2 + MAX_DEVICES],
-    fences: u64,
 }
 
 impl Default for HostBackend {
@@ -40,10 +39,9 @@ impl HostBackend {
     /// A backend with no limits (beyond the allocator's).
     pub fn new() -> Self {
         Self {
-            owner: new_owner(),
+            stamp: Stamp::new(),
             limits: [u64::MAX; 2 + MAX_DEVICES],
             used: [0; 2 + MAX_DEVICES],
-            fences: 0,
         }
     }
 
@@ -56,19 +54,6 @@ impl HostBackend {
     /// Bytes of live regions of a memory kind.
     pub fn used_bytes(&self, memory: MemoryKind) -> u64 {
         kind_slot(memory).map_or(0, |k| self.used[k])
-    }
-
-    fn check(&self, r: &HostRegion) -> Result<(), HostError> {
-        if r.owner == self.owner {
-            Ok(())
-        } else {
-            Err(HostError::other("region of another backend"))
-        }
-    }
-
-    fn fence(&mut self) -> HostFence {
-        self.fences += 1;
-        HostFence(self.fences)
     }
 }
 
@@ -100,12 +85,12 @@ impl Backend for HostBackend {
             ptr,
             len,
             desc: *desc,
-            owner: self.owner,
+            owner: self.stamp.owner(),
         })
     }
 
     unsafe fn destroy_region(&mut self, region: HostRegion) {
-        if self.check(&region).is_err() {
+        if self.stamp.check(&region).is_err() {
             return; // Not ours: leaking is the only safe answer.
         }
         if let Ok(k) = kind_slot(region.desc.memory) {

@@ -3,7 +3,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use pagedkv_core::RegionDesc;
 
-use crate::HostError;
+use crate::{HostError, HostFence};
 
 /// A region of host memory: `desc.block_count` blocks of `desc.layout`.
 ///
@@ -62,8 +62,42 @@ impl HostRegion {
 
 static NEXT_OWNER: AtomicUsize = AtomicUsize::new(1);
 
-pub(crate) fn new_owner() -> usize {
-    NEXT_OWNER.fetch_add(1, Ordering::Relaxed)
+/// Which backend instance made a region, and its fence counter: the
+/// bookkeeping both host backends share.
+#[derive(Debug)]
+pub(crate) struct Stamp {
+    owner: usize,
+    fences: u64,
+}
+
+impl Stamp {
+    /// A new, unique owner.
+    pub(crate) fn new() -> Self {
+        Self {
+            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
+            fences: 0,
+        }
+    }
+
+    /// The owner id to put in the regions it makes.
+    pub(crate) fn owner(&self) -> usize {
+        self.owner
+    }
+
+    /// Refuses a region of another backend.
+    pub(crate) fn check(&self, r: &HostRegion) -> Result<(), HostError> {
+        if r.owner == self.owner {
+            Ok(())
+        } else {
+            Err(HostError::other("region of another backend"))
+        }
+    }
+
+    /// The fence of a batch that just completed.
+    pub(crate) fn fence(&mut self) -> HostFence {
+        self.fences += 1;
+        HostFence(self.fences)
+    }
 }
 
 pub(crate) fn region_len(desc: &RegionDesc) -> Result<usize, HostError> {

@@ -5,7 +5,7 @@ use core::ptr::NonNull;
 
 use pagedkv_core::{Backend, RegionDesc};
 
-use crate::region::{new_owner, region_len};
+use crate::region::{Stamp, region_len};
 use crate::{HostError, HostFence, HostRegion, REGION_ALIGN};
 
 /// A backend over one caller-provided arena (for firmware: a `static mut`
@@ -19,8 +19,7 @@ pub struct StaticBackend<'a> {
     len: usize,
     next: usize,
     live: usize,
-    owner: usize,
-    fences: u64,
+    stamp: Stamp,
     _arena: PhantomData<&'a mut [u8]>,
 }
 
@@ -37,8 +36,7 @@ impl<'a> StaticBackend<'a> {
             len,
             next: 0,
             live: 0,
-            owner: new_owner(),
-            fences: 0,
+            stamp: Stamp::new(),
             _arena: PhantomData,
         }
     }
@@ -55,19 +53,6 @@ impl<'a> StaticBackend<'a> {
         }
         self.next = 0;
         Ok(())
-    }
-
-    fn check(&self, r: &HostRegion) -> Result<(), HostError> {
-        if r.owner == self.owner {
-            Ok(())
-        } else {
-            Err(HostError::other("region of another backend"))
-        }
-    }
-
-    fn fence(&mut self) -> HostFence {
-        self.fences += 1;
-        HostFence(self.fences)
     }
 }
 
@@ -102,12 +87,12 @@ impl Backend for StaticBackend<'_> {
             ptr,
             len,
             desc: *desc,
-            owner: self.owner,
+            owner: self.stamp.owner(),
         })
     }
 
     unsafe fn destroy_region(&mut self, region: HostRegion) {
-        if self.check(&region).is_err() {
+        if self.stamp.check(&region).is_err() {
             return;
         }
         self.live -= 1;
