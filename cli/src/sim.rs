@@ -25,10 +25,10 @@ use std::task::{Context, Poll, Waker};
 use anyhow::{Result, bail};
 use pagedkv_core::KvLayout;
 use pagedkv_manager::{
-    AdvancedKvCacheManager, AllocationRequest, CacheConfig, CacheEvictionPolicy,
-    CostAwareEvictionPolicy, Device, KvCacheManager, KvManager, LfuEvictionPolicy,
-    LruEvictionPolicy, ManagedBackend, ManagerError, MultiDeviceCacheManager, PrefixCacheConfig,
-    Priority, PriorityEvictionPolicy, RequestId,
+    AdvancedKvCacheManager, AllocationRequest, CacheEvictionPolicy, CostAwareEvictionPolicy,
+    Device, KvCacheManager, KvManager, LfuEvictionPolicy, LruEvictionPolicy, ManagedBackend,
+    ManagerConfig, ManagerError, MultiDeviceCacheManager, PrefixCacheConfig, Priority,
+    PriorityEvictionPolicy, RequestId,
 };
 use serde::Serialize;
 
@@ -296,14 +296,14 @@ pub(crate) fn preempt_policy(name: &str) -> Result<Arc<dyn CacheEvictionPolicy>>
 }
 
 /// The manager's configuration for a replay.
-pub(crate) fn manager_config(w: &Workload, cfg: &SimConfig) -> CacheConfig {
+pub(crate) fn manager_config(w: &Workload, cfg: &SimConfig) -> ManagerConfig {
     let longest = w
         .requests
         .iter()
         .map(|r| prompt_tokens_of(r, w.tokens_per_block) as usize + r.output_tokens as usize)
         .max()
         .unwrap_or(1);
-    let mut c = CacheConfig::new(cfg.layout, cfg.capacity_blocks as usize);
+    let mut c = ManagerConfig::new(cfg.layout, cfg.capacity_blocks as usize);
     c.host_blocks = cfg.host_blocks as usize;
     c.prefix_cache_config = Some(PrefixCacheConfig::default());
     c.offload_evicted_prefixes = cfg.offload && cfg.host_blocks > 0;

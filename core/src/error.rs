@@ -84,6 +84,17 @@ pub enum Error {
     WrongPoolKind(PoolId),
     /// A `PoolId` not registered in this cache.
     UnknownPool(PoolId),
+    /// `add_pool` of a pool whose id the cache already has.
+    DuplicatePool(PoolId),
+    /// Sequences run in device pools: allocation in a host pool.
+    NotADevicePool(PoolId),
+    /// `share_prefix` between sequences of different pools.
+    DifferentPools {
+        /// The source's pool.
+        source: PoolId,
+        /// The target's pool.
+        target: PoolId,
+    },
     /// All pool slots are in use.
     TooManyPools,
     /// Pools of one cache must agree on tokens per block.
@@ -149,6 +160,20 @@ pub enum Error {
     },
     /// A layout dimension is zero.
     ZeroLayoutDimension,
+    /// A layout so large that its byte offsets or part counts overflow.
+    LayoutTooLarge,
+    /// A layer index past the layout's layers.
+    LayerOutOfRange {
+        /// The layer asked for.
+        layer: u32,
+        /// Layers in the layout.
+        layers: u32,
+    },
+    /// The allocator could not provide owned storage (nothing was built).
+    AllocationFailed {
+        /// Bytes asked for.
+        bytes: u64,
+    },
     /// Pressure thresholds must satisfy `0 <= medium <= high <= critical <= 1`.
     InvalidThresholds,
 }
@@ -199,6 +224,17 @@ impl fmt::Display for Error {
             SamePool(p) => write!(f, "source and target are both {p}"),
             WrongPoolKind(p) => write!(f, "{p} is of the wrong kind for this move"),
             UnknownPool(p) => write!(f, "{p} is unknown"),
+            DuplicatePool(p) => write!(f, "{p} is already in the cache (duplicate pool id)"),
+            NotADevicePool(p) => {
+                write!(
+                    f,
+                    "{p} is not a device pool: sequences are allocated on devices"
+                )
+            }
+            DifferentPools { source, target } => write!(
+                f,
+                "the source is in {source} and the target in {target}: sharing needs one pool"
+            ),
             TooManyPools => f.write_str("all pool slots in use"),
             TokensPerBlockMismatch { expected, found } => write!(
                 f,
@@ -229,6 +265,13 @@ impl fmt::Display for Error {
                 write!(f, "copy {copy} touches a block both read and written")
             }
             ZeroLayoutDimension => f.write_str("layout dimensions must be non-zero"),
+            LayoutTooLarge => f.write_str("layout too large: its byte offsets would overflow"),
+            LayerOutOfRange { layer, layers } => {
+                write!(f, "layer {layer} is past the layout's {layers} layers")
+            }
+            AllocationFailed { bytes } => {
+                write!(f, "the allocator refused {bytes} bytes of storage")
+            }
             InvalidThresholds => {
                 f.write_str("thresholds must satisfy 0 <= medium <= high <= critical <= 1")
             }

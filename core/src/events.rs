@@ -96,18 +96,24 @@ impl<'a> EventQueue<'a> {
         if self.len == 0 {
             return None;
         }
-        let e = core::mem::replace(&mut self.buf[self.head], KvEvent::EMPTY);
-        self.head = (self.head + 1) % self.buf.len();
+        let e = core::mem::replace(self.buf.get_mut(self.head)?, KvEvent::EMPTY);
+        self.head = self.wrap(self.head + 1);
         self.len -= 1;
         Some(e)
+    }
+
+    /// `i` modulo the ring's length (`i` is below twice the length).
+    #[inline]
+    fn wrap(&self, i: usize) -> usize {
+        i.checked_sub(self.buf.len()).unwrap_or(i)
     }
 
     fn back_mut(&mut self) -> Option<&mut KvEvent> {
         if self.len == 0 {
             return None;
         }
-        let i = (self.head + self.len - 1) % self.buf.len();
-        Some(&mut self.buf[i])
+        let i = self.wrap(self.head + self.len - 1);
+        self.buf.get_mut(i)
     }
 
     fn push(&mut self, e: KvEvent) {
@@ -115,9 +121,11 @@ impl<'a> EventQueue<'a> {
             self.lost += 1;
             return;
         }
-        let i = (self.head + self.len) % self.buf.len();
-        self.buf[i] = e;
-        self.len += 1;
+        let i = self.wrap(self.head + self.len);
+        if let Some(slot) = self.buf.get_mut(i) {
+            *slot = e;
+            self.len += 1;
+        }
     }
 
     #[inline]

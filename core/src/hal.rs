@@ -26,10 +26,8 @@
 //! - Compression is a separate capability trait ([`Quantize`]).
 #![allow(unsafe_code)]
 
-use core::fmt;
-
+use crate::batch::ValidatedBatch;
 use crate::layout::KvLayout;
-use crate::plan::ValidatedBatch;
 
 /// What memory a region lives in.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -72,8 +70,9 @@ pub enum ErrorKind {
     Other,
 }
 
-/// What every backend error tells.
-pub trait BackendError: fmt::Debug + fmt::Display {
+/// What every backend error tells: a broad [`ErrorKind`], and its rich cause
+/// (`Display`, `source()`), kept by whoever wraps it.
+pub trait BackendError: core::error::Error {
     /// The broad reason.
     fn kind(&self) -> ErrorKind;
 }

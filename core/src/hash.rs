@@ -21,6 +21,10 @@
 //! | multimodal item count `m` | 4 |
 //! | per item: content hash, start offset relative to the block (i64) | `24 m` |
 //!
+//! A caller's precomputed key `k` of a block bound into a chain (a salted or
+//! adapted prompt given by keys) is `H` over tag `0x03`, the parent key (16
+//! bytes), `k` (16 bytes), then the adapter and multimodal fields as above.
+//!
 //! The root of a chain is `H` over tag `0x02`, then `0x00` (no salt) or `0x01`
 //! and the 16-byte salt. Different salts give unrelated roots, hence disjoint
 //! chains: tenants never share a block.
@@ -109,26 +113,50 @@ pub trait BlockHasher {
         s.write(&parent.0.to_le_bytes());
         s.write(&(tokens.len() as u32).to_le_bytes());
         write_tokens(&mut s, tokens);
-        match extra.adapter {
-            None => s.write(&[0x00]),
-            Some(a) => {
-                s.write(&[0x01]);
-                s.write(&a.to_le_bytes());
-            }
-        }
-        let end = u64::from(start) + tokens.len() as u64;
-        let overlapping = |m: &&MmItem| {
-            let m_end = u64::from(m.offset) + u64::from(m.len);
-            u64::from(m.offset) < end && m_end > u64::from(start)
-        };
-        let count = extra.mm.iter().filter(overlapping).count() as u32;
-        s.write(&count.to_le_bytes());
-        for m in extra.mm.iter().filter(overlapping) {
-            s.write(&m.content_hash.to_le_bytes());
-            let rel = i64::from(m.offset) - i64::from(start);
-            s.write(&rel.to_le_bytes());
-        }
+        write_extra(&mut s, start, tokens.len() as u64, extra);
         BlockHash(self.finish(s))
+    }
+
+    /// The key of a block known by a caller's precomputed `key`, bound into
+    /// this chain (its salt through `parent`) and its extra inputs: the
+    /// block covers positions `[start, start + len)`.
+    fn bind_key(
+        &self,
+        parent: BlockHash,
+        key: BlockHash,
+        start: u32,
+        len: u32,
+        extra: &ExtraKeys<'_>,
+    ) -> BlockHash {
+        let mut s = self.begin();
+        s.write(&[0x03]);
+        s.write(&parent.0.to_le_bytes());
+        s.write(&key.0.to_le_bytes());
+        write_extra(&mut s, start, u64::from(len), extra);
+        BlockHash(self.finish(s))
+    }
+}
+
+/// Writes the adapter and the multimodal items overlapping `[start, start + len)`.
+fn write_extra<W: KeyWriter>(s: &mut W, start: u32, len: u64, extra: &ExtraKeys<'_>) {
+    match extra.adapter {
+        None => s.write(&[0x00]),
+        Some(a) => {
+            s.write(&[0x01]);
+            s.write(&a.to_le_bytes());
+        }
+    }
+    let end = u64::from(start) + len;
+    let overlapping = |m: &&MmItem| {
+        let m_end = u64::from(m.offset) + u64::from(m.len);
+        u64::from(m.offset) < end && m_end > u64::from(start)
+    };
+    let count = extra.mm.iter().filter(overlapping).count() as u32;
+    s.write(&count.to_le_bytes());
+    for m in extra.mm.iter().filter(overlapping) {
+        s.write(&m.content_hash.to_le_bytes());
+        let rel = i64::from(m.offset) - i64::from(start);
+        s.write(&rel.to_le_bytes());
     }
 }
 
@@ -141,7 +169,7 @@ fn write_tokens<W: KeyWriter>(w: &mut W, tokens: &[u32]) {
         for (dst, t) in buf.chunks_exact_mut(4).zip(chunk) {
             dst.copy_from_slice(&t.to_le_bytes());
         }
-        w.write(&buf[..chunk.len() * 4]);
+        w.write(buf.get(..chunk.len() * 4).unwrap_or(&[]));
     }
 }
 
@@ -216,7 +244,9 @@ impl BlockHasher for Sha256BlockHasher {
     fn finish(&self, state: Sha256State) -> u128 {
         let d = state.0.finalize();
         let mut b = [0u8; 16];
-        b.copy_from_slice(&d[..16]);
+        for (o, i) in b.iter_mut().zip(d.iter()) {
+            *o = *i;
+        }
         u128::from_le_bytes(b)
     }
 }

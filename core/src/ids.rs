@@ -99,9 +99,3 @@ impl fmt::Display for PoolId {
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct CacheSalt(pub u128);
-
-/// A generation counter that skips zero and wraps.
-#[inline]
-pub(crate) fn next_generation(g: NonZeroU32) -> NonZeroU32 {
-    NonZeroU32::new(g.get().wrapping_add(1)).unwrap_or(NonZeroU32::MIN)
-}

@@ -20,9 +20,9 @@
     reason = "counts narrowed here were checked against u32 limits"
 )]
 
+use crate::batch::BlockCopy;
 use crate::error::{Error, Result};
 use crate::ids::BlockId;
-use crate::plan::BlockCopy;
 
 /// Element type of the KV cache.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -118,6 +118,10 @@ impl KvLayout {
         if self.tokens_per_block == 0 {
             return Err(Error::ZeroTokensPerBlock);
         }
+        // Parts (2 per layer) are counted in u32.
+        if self.layers > u32::MAX / 2 {
+            return Err(Error::LayoutTooLarge);
+        }
         self.block_bytes().map(|_| ())
     }
 
@@ -171,11 +175,12 @@ impl KvLayout {
             .ok_or(Error::LengthOverflow)
     }
 
-    /// Number of contiguous parts a block copy expands to.
-    pub fn parts_per_copy(&self) -> u32 {
+    /// Number of contiguous parts a block copy expands to (cannot overflow:
+    /// counted in `u64`).
+    pub fn parts_per_copy(&self) -> u64 {
         match self.order {
             BlockOrder::BlockMajor => 1,
-            BlockOrder::LayerMajor => 2 * self.layers,
+            BlockOrder::LayerMajor => 2 * u64::from(self.layers),
         }
     }
 
@@ -188,15 +193,27 @@ impl KvLayout {
         layer: u32,
         part: KvPart,
     ) -> Result<u64> {
-        if block.0 >= region_blocks || layer >= self.layers {
-            return Err(Error::LengthOverflow);
+        if block.0 >= region_blocks {
+            return Err(Error::UnknownBlock(block));
+        }
+        if layer >= self.layers {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                layers: self.layers,
+            });
         }
         let pb = self.part_bytes()?;
         let p = 2 * u64::from(layer) + part as u64;
-        Ok(match self.order {
-            BlockOrder::BlockMajor => u64::from(block.0) * self.block_bytes()? + p * pb,
-            BlockOrder::LayerMajor => (p * u64::from(region_blocks) + u64::from(block.0)) * pb,
-        })
+        let off = match self.order {
+            BlockOrder::BlockMajor => u64::from(block.0)
+                .checked_mul(self.block_bytes()?)
+                .and_then(|o| o.checked_add(p.checked_mul(pb)?)),
+            BlockOrder::LayerMajor => p
+                .checked_mul(u64::from(region_blocks))
+                .and_then(|o| o.checked_add(u64::from(block.0)))
+                .and_then(|o| o.checked_mul(pb)),
+        };
+        off.ok_or(Error::LengthOverflow)
     }
 
     /// Expands `copies` (source blocks in a region of `src_blocks`, targets in

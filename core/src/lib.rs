@@ -10,35 +10,42 @@ extern crate std;
 
 mod fmt;
 
+pub mod batch;
+pub mod cache;
 pub mod error;
 pub mod events;
+mod fork;
 pub mod hal;
 pub mod hash;
 pub mod ids;
+mod invariants;
 pub mod layout;
 pub mod plan;
 pub mod pool;
 mod prefix;
 pub mod pressure;
+pub mod prompt;
 pub mod seq;
 pub mod shared;
+mod slab;
 pub mod stats;
 pub mod storage;
 pub mod table;
+mod tier;
 
+pub use batch::{BatchValidator, BlockCopy, ValidatedBatch, validator_words};
+pub use cache::{CacheConfig, CacheStorage, HOLE, KvCache, MAX_POOLS, SeqInfo, SeqSlot};
 pub use error::{Error, Result};
 pub use events::{KeyBatch, KvEvent};
 pub use hal::{Backend, BackendError, ErrorKind, MemoryKind, QuantFormat, Quantize, RegionDesc};
 pub use hash::{BlockHasher, ExtraKeys, MmItem, Sha256BlockHasher, SipBlockHasher};
 pub use ids::{BlockHash, BlockId, CacheSalt, PlanId, PoolId, SeqId, Tick};
 pub use layout::{BlockOrder, ByteRange, DType, KvLayout, KvPart};
-pub use plan::{BatchValidator, BlockCopy, ValidatedBatch, validator_words};
+pub use plan::{Fidelity, PlanSlot, PlanView};
 pub use pool::{BlockPool, BlockSlot, Invariant, MAX_BLOCKS, PoolConfig, PoolKind, Registered};
 pub use pressure::{MemoryPressure, PressureMonitor, PressureThresholds};
-pub use seq::{
-    Allocated, Appended, CacheConfig, CacheStorage, HOLE, KvCache, MAX_POOLS, PlanSlot, PlanView,
-    Prompt, PromptTokens, SeqInfo, SeqSlot,
-};
+pub use prompt::{Prompt, PromptTokens};
+pub use seq::{Allocated, AppendNeeds, Appended};
 pub use shared::{Shared, SharedPool};
 pub use stats::PoolStats;
 pub use storage::Slots;

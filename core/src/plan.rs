@@ -1,200 +1,466 @@
-//! Block copies and their validation. A backend only ever sees a
-//! [`ValidatedBatch`]: every block in bounds, no target written twice, and
-//! (within one region) no block both read and written, so copies of one batch
-//! may run in any order or in parallel.
+//! Two-phase moves: a plan reserves its target blocks, the caller copies
+//! (the backend's job), then commits (targets published, sources released)
+//! or aborts (targets returned, nothing moved). Every move that crosses
+//! memory is one: swap out and in, moves between devices, relocation for
+//! defragmentation, copy-on-write ahead of an append, and the tier moves of
+//! cached blocks (offload, promote; see `tier.rs`).
+//!
+//! A plan holds a reference on each of its target blocks (and, for tier
+//! plans, on its source blocks) until it ends, so nothing it reads or writes
+//! is evicted or reused while the copy is in flight, and no target is
+//! published before its copy landed.
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "block indices are u32 by construction"
+    reason = "plan lengths are below max_blocks_per_seq (u32)"
 )]
 
+pub use crate::batch::BlockCopy;
+use crate::cache::{HOLE, KvCache, SeqSlot, row_of, row_of_mut};
 use crate::error::{Error, Result};
-use crate::ids::BlockId;
-use crate::storage::Slots;
+use crate::hash::BlockHasher;
+use crate::ids::{BlockHash, BlockId, PlanId, PoolId, SeqId};
+use crate::pool::{BlockPool, PoolKind};
+use crate::slab::{Entry, Links, NIL, Slab};
 
-/// Copy block `src` of a source region to block `dst` of a target region.
+/// What a plan does.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub(crate) enum PlanKind {
+    /// A sequence to another pool; `lossy`: the copy changes the bytes
+    /// (quantization), so no key follows the blocks.
+    Move { lossy: bool },
+    /// A sequence's blocks past its pool's capacity to blocks below it.
+    Relocate,
+    /// A sequence's shared or published partial last block to a private copy.
+    Cow,
+    /// Cached blocks to another tier (see `tier.rs`).
+    Offload,
+    /// Cached blocks back from another tier (see `tier.rs`).
+    Promote,
+}
+
+/// A pending two-phase move (opaque; `EMPTY` for static storage).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct PlanSlot {
+    pub(crate) links: Links,
+    pub(crate) kind: PlanKind,
+    /// The sequence moved, or `NIL` for a tier plan.
+    pub(crate) seq: u32,
+    pub(crate) src: u16,
+    pub(crate) dst: u16,
+    pub(crate) len: u32,
+}
+
+impl PlanSlot {
+    /// An unused slot.
+    pub const EMPTY: Self = Self {
+        links: Links::EMPTY,
+        kind: PlanKind::Relocate,
+        seq: NIL,
+        src: 0,
+        dst: 0,
+        len: 0,
+    };
+}
+
+impl Entry for PlanSlot {
+    const EMPTY: Self = PlanSlot::EMPTY;
+    fn links(&self) -> &Links {
+        &self.links
+    }
+    fn links_mut(&mut self) -> &mut Links {
+        &mut self.links
+    }
+}
+
+/// Whether a copy reproduces the bytes exactly.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct BlockCopy {
-    /// Block read.
-    pub src: BlockId,
-    /// Block written.
-    pub dst: BlockId,
+pub enum Fidelity {
+    /// A plain copy: the target blocks are published under the source keys.
+    Exact,
+    /// A transform that changes the bytes (quantization): the target blocks
+    /// are never published, and the sequence stops publishing its blocks
+    /// (its later KV is computed over lossy KV).
+    Lossy,
 }
 
-/// A batch that passed [`BatchValidator::validate`]. Only the core can make one.
+/// A pending move, as [`KvCache::plan`] shows it.
 #[derive(Clone, Copy, Debug)]
-pub struct ValidatedBatch<'c> {
-    copies: &'c [BlockCopy],
-    src_blocks: u32,
-    dst_blocks: u32,
-    same_region: bool,
+pub struct PlanView<'c> {
+    /// The sequence moved (`None` for a tier move of cached blocks).
+    pub seq: Option<SeqId>,
+    /// Pool read.
+    pub src_pool: PoolId,
+    /// Pool written.
+    pub dst_pool: PoolId,
+    sources: &'c [BlockId],
+    targets: &'c [BlockId],
 }
 
-impl<'c> ValidatedBatch<'c> {
-    /// The copies, in the order given.
-    #[inline]
-    pub fn copies(&self) -> &'c [BlockCopy] {
-        self.copies
+impl<'c> PlanView<'c> {
+    /// Blocks copied.
+    pub fn len(&self) -> usize {
+        self.copies().count()
     }
-    /// Blocks in the source region.
-    #[inline]
-    pub fn src_blocks(&self) -> u32 {
-        self.src_blocks
+    /// Whether nothing is copied.
+    pub fn is_empty(&self) -> bool {
+        self.copies().next().is_none()
     }
-    /// Blocks in the target region.
-    #[inline]
-    pub fn dst_blocks(&self) -> u32 {
-        self.dst_blocks
+    /// The copies, in table order (blocks a plan keeps in place, or holds
+    /// without copying, are not listed).
+    pub fn copies(&self) -> impl Iterator<Item = BlockCopy> + 'c {
+        let same = self.src_pool == self.dst_pool;
+        self.sources
+            .iter()
+            .zip(self.targets)
+            .filter(move |&(&s, &d)| s != HOLE && !(same && s == d))
+            .map(|(&src, &dst)| BlockCopy { src, dst })
     }
-    /// Whether source and target are the same region.
-    #[inline]
-    pub fn same_region(&self) -> bool {
-        self.same_region
-    }
-}
-
-/// Validates batches in O(batch) with a scratch bitset of caller storage
-/// (cleared again after each batch, so its size costs nothing per call).
-#[derive(Debug)]
-pub struct BatchValidator<'a> {
-    bits: Slots<'a, u64>,
-    max_blocks: u32,
-}
-
-/// Scratch words a validator for regions of up to `max_blocks` blocks needs.
-pub const fn validator_words(max_blocks: u32) -> usize {
-    2 * (max_blocks as usize).div_ceil(64)
-}
-
-impl<'a> BatchValidator<'a> {
-    /// A validator for regions of up to `max_blocks` blocks; `bits` must hold
-    /// [`validator_words`]`(max_blocks)` words.
-    pub fn new(max_blocks: u32, bits: impl Into<Slots<'a, u64>>) -> Result<Self> {
-        let mut bits = bits.into();
-        let needed = validator_words(max_blocks);
-        if bits.len() < needed {
-            return Err(Error::StorageTooSmall {
-                needed,
-                provided: bits.len(),
+    /// Writes the copies into `out`; returns how many.
+    pub fn copies_into(&self, out: &mut [BlockCopy]) -> Result<usize> {
+        if out.len() < self.len() {
+            return Err(Error::OutputTooSmall {
+                needed: self.len(),
+                provided: out.len(),
             });
         }
-        bits.fill(0);
-        Ok(Self { bits, max_blocks })
-    }
-
-    /// A validator with owned scratch.
-    #[cfg(feature = "alloc")]
-    pub fn with_capacity(max_blocks: u32) -> Self {
-        Self {
-            bits: Slots::owned(validator_words(max_blocks), 0),
-            max_blocks,
+        for (o, c) in out.iter_mut().zip(self.copies()) {
+            *o = c;
         }
+        Ok(self.len())
+    }
+}
+
+/// Which pools a sequence move may go between.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    SwapOut,
+    SwapIn,
+    Any,
+    Same,
+}
+
+/// See [`KvCache::plan_sources`] (a free function, so callers can borrow
+/// other fields mutably meanwhile).
+fn sources_of<'s>(
+    plan_sources: &'s [BlockId],
+    tables: &'s [BlockId],
+    seqs: &Slab<'_, SeqSlot>,
+    width: usize,
+    index: u32,
+    p: &PlanSlot,
+) -> &'s [BlockId] {
+    let sources = if p.seq == NIL {
+        row_of(plan_sources, index, width)
+    } else {
+        let first = seqs.at(p.seq).map_or(0, |s| s.first_live as usize);
+        row_of(tables, p.seq, width).get(first..).unwrap_or(&[])
+    };
+    sources.get(..p.len as usize).unwrap_or(&[])
+}
+
+/// Two distinct pools of `pools`, mutably (or the one, twice, as `None`).
+pub(crate) fn two_pools<'p, 'a>(
+    pools: &'p mut [BlockPool<'a>],
+    src: usize,
+    dst: usize,
+) -> Result<(&'p mut BlockPool<'a>, Option<&'p mut BlockPool<'a>>)> {
+    if src == dst {
+        let p = pools.get_mut(src).ok_or(Error::TooManyPools)?;
+        return Ok((p, None));
+    }
+    let [a, b] = pools
+        .get_disjoint_mut([src, dst])
+        .map_err(|_| Error::TooManyPools)?;
+    Ok((a, Some(b)))
+}
+
+impl<H: BlockHasher> KvCache<'_, H> {
+    /// Plans moving a sequence from its device pool to host pool `to`.
+    pub fn swap_out(&mut self, id: SeqId, to: PoolId) -> Result<PlanId> {
+        self.plan_seq(id, to, Route::SwapOut, PlanKind::Move { lossy: false })
     }
 
-    #[inline]
-    fn test_set(&mut self, set: usize, b: u32) -> bool {
-        let half = (self.max_blocks as usize).div_ceil(64);
-        let w = &mut self.bits[set * half + (b / 64) as usize];
-        let m = 1u64 << (b % 64);
-        let was = *w & m != 0;
-        *w |= m;
-        was
+    /// Plans moving a swapped-out sequence back to device pool `to`.
+    pub fn swap_in(&mut self, id: SeqId, to: PoolId) -> Result<PlanId> {
+        self.plan_seq(id, to, Route::SwapIn, PlanKind::Move { lossy: false })
     }
 
-    #[inline]
-    fn test(&self, set: usize, b: u32) -> bool {
-        let half = (self.max_blocks as usize).div_ceil(64);
-        self.bits[set * half + (b / 64) as usize] & (1u64 << (b % 64)) != 0
+    /// [`swap_out`](Self::swap_out) through a transform of the given
+    /// fidelity (for example quantization into a compressed pool).
+    pub fn swap_out_as(&mut self, id: SeqId, to: PoolId, fidelity: Fidelity) -> Result<PlanId> {
+        let lossy = fidelity == Fidelity::Lossy;
+        self.plan_seq(id, to, Route::SwapOut, PlanKind::Move { lossy })
     }
 
-    fn clear(&mut self, copies: &[BlockCopy]) {
-        let half = (self.max_blocks as usize).div_ceil(64);
-        for c in copies {
-            for (set, b) in [(0, c.dst.0), (1, c.src.0)] {
-                if b < self.max_blocks {
-                    self.bits[set * half + (b / 64) as usize] = 0;
+    /// [`swap_in`](Self::swap_in) through a transform of the given fidelity.
+    pub fn swap_in_as(&mut self, id: SeqId, to: PoolId, fidelity: Fidelity) -> Result<PlanId> {
+        let lossy = fidelity == Fidelity::Lossy;
+        self.plan_seq(id, to, Route::SwapIn, PlanKind::Move { lossy })
+    }
+
+    /// Plans moving a sequence to any other pool (for example another device).
+    pub fn move_to(&mut self, id: SeqId, to: PoolId) -> Result<PlanId> {
+        self.plan_seq(id, to, Route::Any, PlanKind::Move { lossy: false })
+    }
+
+    /// Plans moving the sequence's blocks that lie at or past its pool's
+    /// [`capacity`](BlockPool::capacity) (after [`shrink`](Self::shrink)) to
+    /// blocks below it, in the same pool: the step of a defragmentation.
+    /// Blocks already below stay (the plan copies only the others).
+    pub fn relocate(&mut self, id: SeqId) -> Result<PlanId> {
+        let pool = PoolId(self.slot(id)?.pool);
+        self.plan_seq(id, pool, Route::Same, PlanKind::Relocate)
+    }
+
+    /// Plans the copy-on-write an append to `id` needs first, if any: its
+    /// partly filled last block is shared, or published under a key. The
+    /// source stays held until the commit, so no other request can take it
+    /// while the copy is in flight; after the commit the append writes in
+    /// place. `None`: no copy needed.
+    pub fn cow(&mut self, id: SeqId) -> Result<Option<PlanId>> {
+        let (s, pi) = self.active(id)?;
+        if !self.last_needs_copy(id.index, s, pi)? {
+            return Ok(None);
+        }
+        let pool = PoolId(s.pool);
+        self.plan_seq(id, pool, Route::Same, PlanKind::Cow)
+            .map(Some)
+    }
+
+    /// Live sequences holding blocks at or past their pool's capacity.
+    pub fn draining_seqs(&self, pool: PoolId) -> impl Iterator<Item = SeqId> + '_ {
+        let online = self.pool(pool).map(|p| p.capacity()).unwrap_or(u32::MAX);
+        self.seqs
+            .iter()
+            .filter(move |(i, s)| {
+                s.pool == pool.0
+                    && row_of(&self.tables, *i, self.width)
+                        .get(s.first_live as usize..s.blocks as usize)
+                        .unwrap_or(&[])
+                        .iter()
+                        .any(|b| b.0 >= online)
+            })
+            .map(|(i, _)| self.seq_id(i))
+    }
+
+    fn plan_seq(&mut self, id: SeqId, to: PoolId, route: Route, kind: PlanKind) -> Result<PlanId> {
+        let s = *self.slot(id)?;
+        if s.plan != NIL {
+            return Err(Error::SequenceBusy(id));
+        }
+        let src = self.pool_index(PoolId(s.pool))?;
+        let dst = self.pool_index(to)?;
+        let kind_of = |i: usize| self.pools.get(i).map(BlockPool::kind);
+        let (sk, dk) = (kind_of(src), kind_of(dst));
+        match route {
+            Route::SwapOut if sk != Some(PoolKind::Device) => return Err(Error::NotOnDevice(id)),
+            Route::SwapOut if dk != Some(PoolKind::Host) => return Err(Error::WrongPoolKind(to)),
+            Route::SwapIn if sk != Some(PoolKind::Host) => return Err(Error::NotSwappedOut(id)),
+            Route::SwapIn if dk != Some(PoolKind::Device) => return Err(Error::WrongPoolKind(to)),
+            _ => {}
+        }
+        if src == dst && route != Route::Same {
+            return Err(Error::SamePool(to));
+        }
+        let n = (s.blocks - s.first_live) as usize;
+        let online = self.pools.get(src).map_or(0, BlockPool::capacity);
+        // Positions that move: all, those out of service, or the last.
+        let moving = |k: usize, b: BlockId| match kind {
+            PlanKind::Relocate => b.0 >= online,
+            PlanKind::Cow => k + 1 == n,
+            _ => true,
+        };
+        let live = row_of(&self.tables, id.index, self.width)
+            .get(s.first_live as usize..s.blocks as usize)
+            .unwrap_or(&[]);
+        let m = live
+            .iter()
+            .enumerate()
+            .filter(|&(k, &b)| moving(k, b))
+            .count();
+        let dst_pool = self.pools.get_mut(dst).ok_or(Error::UnknownPool(to))?;
+        if m as u64 > u64::from(dst_pool.max_blocks()) {
+            return Err(Error::LargerThanPool {
+                needed: m as u64,
+                capacity: dst_pool.max_blocks(),
+            });
+        }
+        let pi = self.plans.vacant().ok_or(Error::TooManyPlans {
+            capacity: self.plans.capacity(),
+        })?;
+        let targets = row_of_mut(&mut self.plan_targets, pi, self.width);
+        dst_pool.allocate(targets.get_mut(..m).unwrap_or(&mut []))?;
+        if m < n {
+            // Spread the fresh blocks to the positions that move (from the
+            // back, so no fresh block is overwritten before it is placed);
+            // the others keep their own block (no copy).
+            let mut j = m;
+            for k in (0..n).rev() {
+                let b = live.get(k).copied().unwrap_or(HOLE);
+                let t = if moving(k, b) {
+                    j -= 1;
+                    targets.get(j).copied().unwrap_or(HOLE)
+                } else {
+                    b
+                };
+                if let Some(e) = targets.get_mut(k) {
+                    *e = t;
                 }
             }
         }
+        let plan = PlanSlot {
+            kind,
+            seq: id.index,
+            src: s.pool,
+            dst: to.0,
+            len: n as u32,
+            ..PlanSlot::EMPTY
+        };
+        self.insert_plan(plan, Some(id))
     }
 
-    /// Checks a batch from a region of `src_blocks` blocks to one of
-    /// `dst_blocks` (`same_region` when they are one region).
-    pub fn validate<'c>(
-        &mut self,
-        copies: &'c [BlockCopy],
-        src_blocks: u32,
-        dst_blocks: u32,
-        same_region: bool,
-    ) -> Result<ValidatedBatch<'c>> {
-        if src_blocks > self.max_blocks || dst_blocks > self.max_blocks {
-            return Err(Error::CapacityTooLarge {
-                requested: u64::from(src_blocks.max(dst_blocks)),
-                max: self.max_blocks,
-            });
+    /// Records a plan whose targets (and sources) are in place.
+    pub(crate) fn insert_plan(&mut self, plan: PlanSlot, seq: Option<SeqId>) -> Result<PlanId> {
+        let (index, generation) = self.plans.insert(plan).ok_or(Error::TooManyPlans {
+            capacity: self.plans.capacity(),
+        })?;
+        if let Some(s) = seq.and_then(|s| self.seqs.at_mut(s.index)) {
+            s.plan = index;
         }
-        let mut result = Ok(());
-        for (k, c) in copies.iter().enumerate() {
-            if c.src.0 >= src_blocks || c.dst.0 >= dst_blocks {
-                result = Err(Error::CopyOutOfBounds { copy: k });
-                break;
-            }
-            if self.test_set(0, c.dst.0) {
-                result = Err(Error::DuplicateTarget { copy: k });
-                break;
-            }
-            self.test_set(1, c.src.0);
-        }
-        if result.is_ok() && same_region {
-            for (k, c) in copies.iter().enumerate() {
-                if self.test(1, c.dst.0) || self.test(0, c.src.0) {
-                    result = Err(Error::ReadWriteOverlap { copy: k });
-                    break;
-                }
-            }
-        }
-        self.clear(copies);
-        result.map(|()| ValidatedBatch {
-            copies,
-            src_blocks,
-            dst_blocks,
-            same_region,
+        Ok(PlanId { index, generation })
+    }
+
+    fn plan_slot(&self, id: PlanId) -> Result<PlanSlot> {
+        self.plans
+            .get(id.index, id.generation)
+            .copied()
+            .ok_or(Error::UnknownPlan(id))
+    }
+
+    /// The blocks a plan reads: a sequence's live table entries, or a tier
+    /// plan's own sources.
+    pub(crate) fn plan_sources(&self, index: u32, p: &PlanSlot) -> &[BlockId] {
+        sources_of(
+            &self.plan_sources,
+            &self.tables,
+            &self.seqs,
+            self.width,
+            index,
+            p,
+        )
+    }
+
+    pub(crate) fn plan_targets(&self, index: u32, p: &PlanSlot) -> &[BlockId] {
+        row_of(&self.plan_targets, index, self.width)
+            .get(..p.len as usize)
+            .unwrap_or(&[])
+    }
+
+    /// A pending plan: pools and copies for the backend.
+    pub fn plan(&self, id: PlanId) -> Result<PlanView<'_>> {
+        let p = self.plan_slot(id)?;
+        Ok(PlanView {
+            seq: (p.seq != NIL).then(|| self.seq_id(p.seq)),
+            src_pool: PoolId(p.src),
+            dst_pool: PoolId(p.dst),
+            sources: self.plan_sources(id.index, &p),
+            targets: self.plan_targets(id.index, &p),
         })
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn c(s: u32, d: u32) -> BlockCopy {
-        BlockCopy {
-            src: BlockId(s),
-            dst: BlockId(d),
+    /// The copies are done: publish and release as the plan's kind says. A
+    /// sequence now lives in the target pool, its source blocks lose a
+    /// holder (tail first) and, for an exact copy, its keyed blocks are
+    /// published in the target pool under the same keys.
+    pub fn commit(&mut self, id: PlanId) -> Result<()> {
+        let p = self.plan_slot(id)?;
+        if p.seq == NIL {
+            return self.commit_tier(id, &p);
         }
+        let src = self.pool_index(PoolId(p.src))?;
+        let dst = self.pool_index(PoolId(p.dst))?;
+        let first = self.seqs.at(p.seq).map_or(0, |s| s.first_live as usize);
+        let (sp, dp) = two_pools(&mut self.pools, src, dst)?;
+        let row = row_of_mut(&mut self.tables, p.seq, self.width);
+        let row = row.get_mut(first..).unwrap_or(&mut []);
+        let targets = row_of(&self.plan_targets, id.index, self.width);
+        match (p.kind, dp) {
+            (PlanKind::Relocate | PlanKind::Cow, None) => {
+                // Within a pool. A relocation releases first, so the key
+                // leaves the index (the old block is out of service) and can
+                // follow the block; a copy-on-write leaves the key where it is.
+                for (from, &to) in row.iter_mut().zip(targets).take(p.len as usize).rev() {
+                    if *from == to {
+                        continue;
+                    }
+                    let key = sp.key_of(*from)?;
+                    sp.release(*from)?;
+                    if let (Some(key), PlanKind::Relocate) = (key, p.kind) {
+                        let _ = sp.register(to, key, None);
+                    }
+                    *from = to;
+                }
+            }
+            (PlanKind::Move { lossy }, Some(dp)) => {
+                let mut parent = None;
+                for (from, &to) in row.iter().zip(targets).take(p.len as usize) {
+                    let key = sp.key_of(*from)?;
+                    if let (Some(key), false) = (key, lossy) {
+                        let _ = dp.register(to, key, parent);
+                    }
+                    parent = key;
+                }
+                for (from, &to) in row.iter_mut().zip(targets).take(p.len as usize).rev() {
+                    sp.release(*from)?;
+                    *from = to;
+                }
+            }
+            _ => return Err(Error::UnknownPlan(id)),
+        }
+        if let Some(s) = self.seqs.at_mut(p.seq) {
+            s.pool = p.dst;
+            s.plan = NIL;
+            if p.kind == (PlanKind::Move { lossy: true }) {
+                s.lossy = true;
+                s.hashing = false;
+                s.keyed_blocks = 0;
+                s.tip = BlockHash(0);
+            }
+        }
+        self.plans.remove(id.index);
+        Ok(())
     }
 
-    #[test]
-    fn rejects_bad_batches_and_stays_clean() {
-        let mut words = [0u64; validator_words(128)];
-        let mut v = BatchValidator::new(128, &mut words).unwrap();
-        assert!(v.validate(&[c(0, 1), c(0, 2)], 128, 128, true).is_ok());
-        assert_eq!(
-            v.validate(&[c(0, 1), c(3, 1)], 128, 128, false)
-                .unwrap_err(),
-            Error::DuplicateTarget { copy: 1 }
+    /// Cancels a plan: its reserved targets return to the free stack, the
+    /// blocks it held are released, and the sequence (if any) is untouched.
+    pub fn abort(&mut self, id: PlanId) -> Result<()> {
+        let p = self.plan_slot(id)?;
+        let src = self.pool_index(PoolId(p.src))?;
+        let dst = self.pool_index(PoolId(p.dst))?;
+        let sources = sources_of(
+            &self.plan_sources,
+            &self.tables,
+            &self.seqs,
+            self.width,
+            id.index,
+            &p,
         );
-        assert_eq!(
-            v.validate(&[c(0, 1), c(1, 2)], 128, 128, true).unwrap_err(),
-            Error::ReadWriteOverlap { copy: 0 }
-        );
-        // Across regions, reading and writing the same index is fine.
-        assert!(v.validate(&[c(0, 1), c(1, 2)], 128, 128, false).is_ok());
-        assert_eq!(
-            v.validate(&[c(0, 200)], 128, 128, false).unwrap_err(),
-            Error::CopyOutOfBounds { copy: 0 }
-        );
-        assert!(v.bits.iter().all(|&w| w == 0));
+        let targets = row_of(&self.plan_targets, id.index, self.width);
+        let (sp, mut dp) = two_pools(&mut self.pools, src, dst)?;
+        let tier = p.seq == NIL;
+        for (&s, &t) in sources.iter().zip(targets).rev() {
+            if tier && s != HOLE {
+                sp.release(s)?;
+            }
+            if tier || dp.is_some() || s != t {
+                dp.as_deref_mut().unwrap_or(&mut *sp).release(t)?;
+            }
+        }
+        if let Some(s) = self.seqs.at_mut(p.seq) {
+            s.plan = NIL;
+        }
+        self.plans.remove(id.index);
+        Ok(())
     }
 }

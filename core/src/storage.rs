@@ -6,6 +6,9 @@
 
 use core::ops::{Deref, DerefMut};
 
+#[cfg(feature = "alloc")]
+use crate::error::Error;
+
 /// Fixed-size storage: borrowed from the caller, or owned (feature `alloc`).
 /// It never grows after construction.
 #[derive(Debug)]
@@ -25,6 +28,23 @@ impl<T> Slots<'_, T> {
         T: Clone,
     {
         Slots::Owned(alloc::vec![value; len].into_boxed_slice())
+    }
+
+    /// Owned storage of `len` copies of `value`, or
+    /// [`Error::AllocationFailed`] when the allocator cannot provide it
+    /// (instead of aborting the process).
+    #[cfg(feature = "alloc")]
+    pub fn try_owned(len: usize, value: T) -> Result<Self, Error>
+    where
+        T: Clone,
+    {
+        let mut v = alloc::vec::Vec::new();
+        v.try_reserve_exact(len)
+            .map_err(|_| Error::AllocationFailed {
+                bytes: (len as u64).saturating_mul(core::mem::size_of::<T>() as u64),
+            })?;
+        v.resize(len, value);
+        Ok(Slots::Owned(v.into_boxed_slice()))
     }
 }
 

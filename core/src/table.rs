@@ -15,10 +15,10 @@
     reason = "counts narrowed here were checked against u32 limits by the cache"
 )]
 
+use crate::cache::{HOLE, KvCache};
 use crate::error::{Error, Result};
 use crate::hash::BlockHasher;
 use crate::ids::{BlockId, SeqId};
-use crate::seq::{HOLE, KvCache};
 
 /// The seed's block table: an owned snapshot of a sequence's blocks.
 #[cfg(feature = "alloc")]
@@ -120,7 +120,8 @@ impl<H: BlockHasher> KvCache<'_, H> {
     }
 
     /// vLLM-style `block_tables`: a `seqs.len() × max_blocks` row-major i32
-    /// matrix, rows padded (and window holes filled) with `pad`.
+    /// matrix, rows padded (and window holes filled) with `pad`. Nothing is
+    /// written past it (with `max_blocks = 0`, nothing at all).
     pub fn export_block_tables(
         &self,
         seqs: &[SeqId],
@@ -128,11 +129,26 @@ impl<H: BlockHasher> KvCache<'_, H> {
         pad: i32,
         out: &mut [i32],
     ) -> Result<()> {
-        check_out(seqs.len().saturating_mul(max_blocks), out.len())?;
+        let needed = seqs
+            .len()
+            .checked_mul(max_blocks)
+            .ok_or(Error::LengthOverflow)?;
+        check_out(needed, out.len())?;
         for &s in seqs {
-            check_out(self.table(s)?.len(), max_blocks)?;
+            let t = self.table(s)?;
+            check_out(t.len(), max_blocks)?;
+            to_i32(
+                t.iter()
+                    .copied()
+                    .filter(|&b| b != HOLE)
+                    .max()
+                    .unwrap_or(BlockId(0)),
+            )?;
         }
-        for (row, &s) in out.chunks_exact_mut(max_blocks.max(1)).zip(seqs) {
+        if max_blocks == 0 {
+            return Ok(());
+        }
+        for (row, &s) in out.chunks_exact_mut(max_blocks).zip(seqs) {
             let t = self.table(s)?;
             for (o, &b) in row
                 .iter_mut()
@@ -161,15 +177,18 @@ impl<H: BlockHasher> KvCache<'_, H> {
             needed += n as usize;
         }
         check_out(needed, out.len())?;
-        let bs = self.config().tokens_per_block;
+        let bs = self.bs;
+        let mut slots = out.iter_mut();
         let mut k = 0;
         for &(s, n) in seqs {
             let info = self.info(s)?;
             let t = self.table(s)?;
             for pos in info.tokens - n..info.tokens {
-                let b = t[(pos / bs) as usize];
-                out[k] = i64::from(b.0) * i64::from(bs) + i64::from(pos % bs);
-                k += 1;
+                let b = t.get((pos / bs) as usize).copied().unwrap_or(HOLE);
+                if let Some(o) = slots.next() {
+                    *o = i64::from(b.0) * i64::from(bs.get()) + i64::from(pos % bs);
+                    k += 1;
+                }
             }
         }
         Ok(k)
@@ -194,17 +213,28 @@ impl<H: BlockHasher> KvCache<'_, H> {
         }
         check_out(total, indices.len())?;
         let i32_of = |x: usize| i32::try_from(x).map_err(|_| Error::LengthOverflow);
+        i32_of(total)?;
         let bs = self.config().tokens_per_block;
         let mut k = 0usize;
-        indptr[0] = 0;
-        for (j, &s) in seqs.iter().enumerate() {
+        let mut idx = indices.iter_mut();
+        let mut ptr = indptr.iter_mut();
+        if let Some(p) = ptr.next() {
+            *p = 0;
+        }
+        for ((&s, p), last) in seqs.iter().zip(ptr).zip(last_page_len.iter_mut()) {
             let info = self.info(s)?;
-            for &b in &self.table(s)?[info.first_live as usize..] {
-                indices[k] = to_i32(b)?;
-                k += 1;
+            for &b in self
+                .table(s)?
+                .get(info.first_live as usize..)
+                .unwrap_or(&[])
+            {
+                if let Some(o) = idx.next() {
+                    *o = to_i32(b)?;
+                    k += 1;
+                }
             }
-            indptr[j + 1] = i32_of(k)?;
-            last_page_len[j] = if info.blocks == 0 {
+            *p = i32_of(k)?;
+            *last = if info.blocks == 0 {
                 0
             } else {
                 i32_of((info.tokens - (info.blocks - 1) * bs) as usize)?

@@ -15,8 +15,8 @@ use cortex_m_semihosting::debug::{self, EXIT_FAILURE, EXIT_SUCCESS};
 use defmt_semihosting as _;
 use pagedkv_core::{
     Backend, BatchValidator, BlockId, BlockOrder, BlockPool, BlockSlot, CacheConfig, CacheStorage,
-    DType, KvCache, KvLayout, MemoryKind, PlanSlot, PoolConfig, PoolId, Prompt, RegionDesc,
-    SeqSlot, Shared, SipBlockHasher, buckets_for, seq::HOLE, validator_words,
+    DType, HOLE, KvCache, KvLayout, MemoryKind, PlanSlot, PoolConfig, PoolId, Prompt, RegionDesc,
+    SeqSlot, Shared, SipBlockHasher, buckets_for, validator_words,
 };
 use pagedkv_hal_host::{HostRegion, StaticBackend};
 
@@ -105,6 +105,7 @@ fn workload() -> Result<(), Fail> {
     let plans =
         cortex_m::singleton!(: [PlanSlot; 2] = [PlanSlot::EMPTY; 2]).ok_or(Fail("storage", 3))?;
     let targets = cortex_m::singleton!(: [BlockId; 32] = [HOLE; 32]).ok_or(Fail("storage", 4))?;
+    let sources = cortex_m::singleton!(: [BlockId; 32] = [HOLE; 32]).ok_or(Fail("storage", 11))?;
     let dev_slots = cortex_m::singleton!(: [BlockSlot; DEV_BLOCKS as usize] = [BlockSlot::EMPTY; DEV_BLOCKS as usize])
         .ok_or(Fail("storage", 5))?;
     let dev_index =
@@ -131,6 +132,7 @@ fn workload() -> Result<(), Fail> {
         pending: pending.into(),
         plans: plans.into(),
         plan_targets: targets.into(),
+        plan_sources: sources.into(),
     };
     let mut cache = KvCache::new(config, storage, SipBlockHasher::new(*b"firmware-key-001"))
         .map_err(|_| Fail("cache", 0))?;

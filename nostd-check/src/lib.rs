@@ -4,8 +4,8 @@
 use core::panic::PanicInfo;
 
 use pagedkv_core::{
-    BlockPool, BlockSlot, CacheConfig, CacheStorage, KvCache, PlanSlot, PoolConfig, Prompt,
-    SeqSlot, SipBlockHasher, buckets_for, seq::HOLE,
+    BlockPool, BlockSlot, CacheConfig, CacheStorage, HOLE, KvCache, PlanSlot, PoolConfig, Prompt,
+    SeqSlot, SipBlockHasher, buckets_for,
 };
 
 const BLOCKS: u32 = 64;
@@ -32,6 +32,7 @@ fn run() -> Option<u32> {
     let mut pending = [0u32; 4 * 4];
     let mut plans = [PlanSlot::EMPTY; 1];
     let mut targets = [HOLE; 16];
+    let mut sources = [HOLE; 16];
     let config = CacheConfig {
         tokens_per_block: 4,
         max_seqs: 4,
@@ -44,6 +45,7 @@ fn run() -> Option<u32> {
         pending: (&mut pending).into(),
         plans: (&mut plans).into(),
         plan_targets: (&mut targets).into(),
+        plan_sources: (&mut sources).into(),
     };
     let mut cache =
         KvCache::new(config, storage, SipBlockHasher::new(*b"nostd-check-key!")).ok()?;

@@ -13,8 +13,8 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use pagedkv_manager::{
-    AdvancedKvCacheManager, AllocationRequest, BlockOrder, CacheConfig, DType, HostBackend,
-    HostManager, KvCacheManager, KvLayout, RequestId,
+    AdvancedKvCacheManager, AllocationRequest, BlockOrder, DType, HostBackend, HostManager,
+    KvCacheManager, KvLayout, ManagerConfig, RequestId,
 };
 
 const BLOCKS: usize = 1000;
@@ -49,7 +49,7 @@ fn swap(c: &mut Criterion) {
     });
     drop((device, dev, host));
 
-    let mut cfg = CacheConfig::new(l, BLOCKS);
+    let mut cfg = ManagerConfig::new(l, BLOCKS);
     cfg.host_blocks = BLOCKS;
     cfg.max_sequence_length = BLOCKS * 16;
     cfg.max_sequences = 4;

@@ -1,25 +1,29 @@
-//! The manager's error: typed, with the core or backend cause kept.
+//! The manager's errors: typed, each keeping its cause. A wrapper either
+//! shows its cause in its own message or hands it on as `source()`, never
+//! both, so a report that walks the chain says everything once.
 
-use pagedkv_core::ErrorKind;
+use pagedkv_core::{DType, ErrorKind};
 
 use crate::types::{Device, RequestId};
 
-/// Why a manager operation failed. Nothing was leaked and no sequence moved.
+/// Why a manager operation failed. Nothing was leaked and no request moved.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ManagerError {
-    /// The core refused (bad input or no room); see the cause.
-    #[error("cache: {0}")]
+    /// The core refused (bad input, or no room); the cause says which.
+    #[error(transparent)]
     Core(#[from] pagedkv_core::Error),
-    /// The memory backend failed; the operation was rolled back.
-    #[error("backend ({kind:?}) during {during}: {message}")]
+    /// The memory backend failed; the operation was rolled back. The
+    /// backend's own error is the `source()`.
+    #[error("backend failure ({kind:?}) while {op}")]
     Backend {
         /// The backend's broad reason.
         kind: ErrorKind,
         /// What the manager was doing.
-        during: &'static str,
-        /// The backend's own message.
-        message: String,
+        op: &'static str,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// No live request has this id.
     #[error("unknown request {0}")]
@@ -27,9 +31,9 @@ pub enum ManagerError {
     /// The id is already allocated.
     #[error("request {0} already allocated")]
     DuplicateRequest(RequestId),
-    /// The request's shape does not match the manager's layout.
-    #[error("request does not match the cache layout: {0}")]
-    LayoutMismatch(&'static str),
+    /// The request itself is wrong; nothing was done.
+    #[error("invalid request: {0}")]
+    InvalidRequest(InvalidRequest),
     /// The device is not managed here.
     #[error("unknown device {0:?}")]
     UnknownDevice(Device),
@@ -53,11 +57,99 @@ pub enum ManagerError {
         device: Device,
     },
     /// A configuration value is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(&'static str),
+    #[error("invalid configuration: `{field}` {problem}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A raw block list given to `free_blocks` is not one `allocate_blocks` result.
     #[error("blocks were not handed out together by allocate_blocks")]
     NotAnAllocation,
+}
+
+/// What is wrong with a request the manager refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidRequest {
+    /// A dimension of the request differs from the manager's layout.
+    #[error("{what} is {got}, the cache's layout has {want}")]
+    Layout {
+        /// Which dimension.
+        what: &'static str,
+        /// The request's value.
+        got: usize,
+        /// The layout's value.
+        want: usize,
+    },
+    /// The element type differs from the manager's layout.
+    #[error("element type {got:?}, the cache holds {want:?}")]
+    DType {
+        /// The request's.
+        got: DType,
+        /// The layout's.
+        want: DType,
+    },
+    /// The prompt's token ids are not `initial_tokens` long.
+    #[error("the prompt has {prompt} token ids but initial_tokens is {initial}")]
+    PromptLength {
+        /// Token ids given.
+        prompt: usize,
+        /// `initial_tokens`.
+        initial: usize,
+    },
+    /// Longer than the request's or the manager's maximum sequence length.
+    #[error("{tokens} tokens exceed the maximum sequence length of {max}")]
+    TooLong {
+        /// Tokens asked for.
+        tokens: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A block index past the request's table.
+    #[error("block {index} is past the request's {blocks} blocks")]
+    BlockIndex {
+        /// Index asked for.
+        index: usize,
+        /// Blocks in the table.
+        blocks: usize,
+    },
+    /// Block bytes of the wrong size.
+    #[error("{got} bytes given, a block holds {want}")]
+    BlockBytes {
+        /// Bytes given.
+        got: usize,
+        /// Bytes of a block.
+        want: usize,
+    },
+    /// A layer past the model's.
+    #[error("layer {layer} is past the model's {layers} layers")]
+    Layer {
+        /// Layer asked for.
+        layer: usize,
+        /// Layers of the model.
+        layers: usize,
+    },
+}
+
+impl From<InvalidRequest> for ManagerError {
+    fn from(e: InvalidRequest) -> Self {
+        ManagerError::InvalidRequest(e)
+    }
+}
+
+impl ManagerError {
+    /// A backend error `e` met while doing `op`.
+    pub(crate) fn backend<E: pagedkv_core::BackendError + Send + Sync + 'static>(
+        op: &'static str,
+    ) -> impl FnOnce(E) -> Self {
+        move |e| ManagerError::Backend {
+            kind: e.kind(),
+            op,
+            source: Box::new(e),
+        }
+    }
 }
 
 /// Result alias.

@@ -6,7 +6,7 @@ pub mod policy;
 mod traits;
 mod types;
 
-pub use error::{ManagerError, Result};
+pub use error::{InvalidRequest, ManagerError, Result};
 pub use manager::{Handle, KvManager, MAX_DEVICES, ManagedBackend};
 pub use pagedkv_core as core;
 pub use pagedkv_core::{
@@ -21,8 +21,8 @@ pub use traits::{
     KvCacheManager, KvView, MultiDeviceCacheManager, PressureCallback,
 };
 pub use types::{
-    AllocationRequest, CacheConfig, CacheGcStats, CacheHandleStats, CacheManagerStats,
-    CompressionStats, Device, PrefixCacheConfig, Priority, RequestId,
+    AllocationRequest, CacheGcStats, CacheHandleStats, CacheManagerStats, CompressionStats, Device,
+    ManagerConfig, PrefixCacheConfig, Priority, RequestId,
 };
 
 /// The manager over host memory (and simulated devices).

@@ -134,10 +134,11 @@ impl Default for PrefixCacheConfig {
     }
 }
 
-/// The manager's configuration (the seed's `CacheConfig`, plus the layout
-/// and tiers the seed left implicit).
+/// The manager's configuration: the seed's `CacheConfig` (renamed, so it is
+/// not taken for the core's `pagedkv_core::CacheConfig`, the shape of a
+/// cache's fixed storage), plus the layout and tiers the seed left implicit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CacheConfig {
+pub struct ManagerConfig {
     /// The model's KV layout (its `tokens_per_block` is the block size).
     pub layout: KvLayout,
     /// Most blocks per device pool.
@@ -167,7 +168,7 @@ pub struct CacheConfig {
     pub hash_key: Option<[u8; 16]>,
 }
 
-impl CacheConfig {
+impl ManagerConfig {
     /// A configuration for `layout` with one device of `blocks` blocks.
     pub fn new(layout: KvLayout, blocks: usize) -> Self {
         Self {

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use common::{checksum, config, kv_bytes, layout, request};
 use pagedkv_manager::{
-    AdvancedKvCacheManager, BlockAllocator, Device, HostBackend, HostManager, KvCacheManager,
-    ManagerError, MemoryPressure, MultiDeviceCacheManager, PrefixCacheConfig, RequestId,
+    AdvancedKvCacheManager, BlockAllocator, Device, HostBackend, HostManager, InvalidRequest,
+    KvCacheManager, ManagerError, MemoryPressure, MultiDeviceCacheManager, PrefixCacheConfig,
+    RequestId,
 };
 
 fn block_bytes() -> usize {
@@ -269,7 +270,7 @@ async fn share_prefix_fork_and_stats_json() {
     assert_eq!(back, m.stats());
     let cj = serde_json::to_string(&cfg).unwrap();
     assert_eq!(
-        serde_json::from_str::<pagedkv_manager::CacheConfig>(&cj).unwrap(),
+        serde_json::from_str::<pagedkv_manager::ManagerConfig>(&cj).unwrap(),
         cfg
     );
     m.check_invariants().unwrap();
@@ -282,7 +283,11 @@ async fn bad_requests_are_typed_errors() {
     r.num_layers = 7;
     assert!(matches!(
         m.allocate(&r).await,
-        Err(ManagerError::LayoutMismatch(_))
+        Err(ManagerError::InvalidRequest(InvalidRequest::Layout {
+            what: "num_layers",
+            got: 7,
+            want: 2
+        }))
     ));
     assert!(matches!(
         m.allocate(&request(2, prompt(80, 0))).await,

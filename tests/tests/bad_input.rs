@@ -128,6 +128,7 @@ fn storage_too_small() {
         pending: Slots::from(vec![0; 16]),
         plans: Slots::from(vec![PlanSlot::EMPTY; 1]),
         plan_targets: Slots::from(vec![BlockId(0); 8]),
+        plan_sources: Slots::from(vec![BlockId(0); 8]),
     };
     assert!(matches!(
         KvCache::new(config(), storage, SipBlockHasher::new(TEST_KEY)),
@@ -224,16 +225,20 @@ fn commit_twice() {
 
 #[test]
 fn duplicate_registration() {
-    let (mut c, a, _, _) = setup();
-    let b0 = c.table(a).unwrap()[0];
-    let before = fingerprint(&c, false);
-    let pool = c.pool_mut(GPU).unwrap();
+    let mut pool = BlockPool::with_capacity(PoolConfig::device(0, BS), 4).unwrap();
+    let b0 = pool.allocate_one().unwrap();
+    pool.register(b0, BlockHash(6), None).unwrap();
+    let (order, stats) = (pool.eviction_order().count(), pool.stats());
     assert_eq!(
         pool.register(b0, BlockHash(7), None),
         Err(Error::AlreadyRegistered(b0))
     );
-    assert_eq!(fingerprint(&c, false), before);
-    c.check_invariants().unwrap();
+    assert_eq!(
+        (pool.eviction_order().count(), pool.stats()),
+        (order, stats)
+    );
+    assert_eq!(pool.lookup(BlockHash(6)), Some(b0));
+    pool.check_invariants().unwrap();
 }
 
 #[test]
@@ -490,7 +495,9 @@ fn bad_layouts_and_thresholds() {
         head_size: u32::MAX,
         ..l
     };
-    assert_eq!(huge.validate(), Err(Error::LengthOverflow));
+    assert_eq!(huge.validate(), Err(Error::LayoutTooLarge));
+    let wide = KvLayout { layers: 4, ..huge };
+    assert_eq!(wide.validate(), Err(Error::LengthOverflow));
     let t = PressureThresholds {
         medium: 0.9,
         high: 0.5,

@@ -224,8 +224,7 @@ fn events_mirror_the_index_for_a_router() {
         .iter()
         .map(|&b| c.pool(GPU).unwrap().key_of(b).unwrap().unwrap())
         .collect();
-    let pool = c.pool_mut(GPU).unwrap();
-    match pool.pop_event() {
+    match c.pop_event(GPU).unwrap() {
         Some(KvEvent::BlockStored {
             pool: p,
             parent: None,
@@ -238,18 +237,20 @@ fn events_mirror_the_index_for_a_router() {
     }
     c.free(a).unwrap();
     c.allocate(GPU, &Prompt::len(3 * BS)).unwrap();
-    let pool = c.pool_mut(GPU).unwrap();
-    match pool.pop_event() {
+    match c.pop_event(GPU).unwrap() {
         Some(KvEvent::BlockRemoved { keys: k, .. }) => {
             assert_eq!(&k[..], &[keys[2], keys[1]], "tail evicted first");
         }
         e => panic!("unexpected {e:?}"),
     }
-    pool.reset_prefix_cache();
-    assert_eq!(pool.pop_event(), Some(KvEvent::AllCleared { pool: GPU }));
-    assert_eq!(pool.pop_event(), None);
-    assert_eq!(pool.indexed_len(), 0);
-    pool.check_invariants().unwrap();
+    c.reset_prefix_cache(GPU).unwrap();
+    assert_eq!(
+        c.pop_event(GPU).unwrap(),
+        Some(KvEvent::AllCleared { pool: GPU })
+    );
+    assert_eq!(c.pop_event(GPU).unwrap(), None);
+    assert_eq!(c.pool(GPU).unwrap().indexed_len(), 0);
+    c.check_invariants().unwrap();
 }
 
 #[test]
@@ -346,7 +347,7 @@ fn shrink_then_relocate_compacts_a_pool() {
     let child = c.fork(a).unwrap();
     c.free(filler).unwrap();
     assert!(c.table(a).unwrap().iter().all(|b| b.0 >= 10));
-    c.pool_mut(GPU).unwrap().shrink(8).unwrap();
+    c.shrink(GPU, 8).unwrap();
     assert_eq!(c.pool(GPU).unwrap().draining_len(), 3);
     let draining: Vec<_> = c.draining_seqs(GPU).collect();
     assert_eq!(draining.len(), 2);
@@ -369,7 +370,7 @@ fn shrink_then_relocate_compacts_a_pool() {
             .hit_blocks,
         3
     );
-    c.pool_mut(GPU).unwrap().grow(8).unwrap();
+    c.grow(GPU, 8).unwrap();
     c.check_invariants().unwrap();
 }
 

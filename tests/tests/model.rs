@@ -20,7 +20,8 @@
 use std::collections::HashMap;
 
 use pagedkv_core::{
-    BlockId, CacheConfig, CacheSalt, Error, KvCache, PlanId, PoolId, Prompt, SeqId, SipBlockHasher,
+    BlockHash, BlockId, CacheConfig, CacheSalt, Error, Fidelity, KvCache, PlanId, PoolId, Prompt,
+    SeqId, SipBlockHasher,
 };
 use pagedkv_tests::{cache_with, fingerprint};
 use proptest::prelude::*;
@@ -101,6 +102,39 @@ enum Op {
     Relocate {
         pick: u8,
     },
+    /// A prompt given by precomputed keys (a chain over its tokens), maybe
+    /// under a salt, maybe with a key repeated.
+    AllocateKeys {
+        dev: u8,
+        salt: u8,
+        base: u8,
+        prefix: u8,
+        dup: Option<(u8, u8)>,
+    },
+    /// Allocation in the host pool: refused.
+    AllocateHost,
+    /// Copy-on-write ahead of an append, as a plan.
+    Cow {
+        pick: u8,
+    },
+    /// A lossy move (compression): the KV changes, keys do not follow.
+    SwapOutLossy {
+        pick: u8,
+    },
+    SwapInLossy {
+        pick: u8,
+        dev: u8,
+    },
+    /// Cached blocks of a device to the host tier.
+    Offload {
+        dev: u8,
+        n: u8,
+    },
+    /// A sequence's prompt blocks back from the host tier to a device.
+    Promote {
+        pick: u8,
+        dev: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -125,22 +159,36 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..2u8, any::<u8>()).prop_map(|(dev, frac)| Op::Shrink { dev, frac }),
         1 => (0..2u8).prop_map(|dev| Op::Grow { dev }),
         2 => any::<u8>().prop_map(|pick| Op::Relocate { pick }),
+        3 => (0..2u8, 0..3u8, 0..3u8, 0..48u8, prop::option::weighted(0.3, (any::<u8>(), any::<u8>())))
+            .prop_map(|(dev, salt, base, prefix, dup)| Op::AllocateKeys { dev, salt, base, prefix, dup }),
+        1 => Just(Op::AllocateHost),
+        2 => any::<u8>().prop_map(|pick| Op::Cow { pick }),
+        1 => any::<u8>().prop_map(|pick| Op::SwapOutLossy { pick }),
+        1 => (any::<u8>(), 0..2u8).prop_map(|(pick, dev)| Op::SwapInLossy { pick, dev }),
+        2 => (0..2u8, 0..12u8).prop_map(|(dev, n)| Op::Offload { dev, n }),
+        2 => (any::<u8>(), 0..2u8).prop_map(|(pick, dev)| Op::Promote { pick, dev }),
     ]
 }
 
-/// What a block's bytes encode: the tenant and the whole token prefix.
+/// What a block's bytes encode: the tenant and the whole token prefix, and
+/// whether they went through a lossy transform (or were computed over KV
+/// that did).
 #[derive(Clone, PartialEq, Eq, Debug)]
 struct Content {
     salt: Option<CacheSalt>,
     prefix: Vec<u32>,
+    lossy: bool,
 }
 
 impl Content {
     /// Whether a block holding `self` serves a sequence expecting `want`: same
-    /// tenant, and the same tokens up to the sequence's length (slots past it,
-    /// in a partly filled block shared with a longer sequence, are not read).
+    /// tenant, same exactness, and the same tokens up to the sequence's
+    /// length (slots past it, in a partly filled block shared with a longer
+    /// sequence, are not read).
     fn serves(&self, want: &Content) -> bool {
-        self.salt == want.salt && self.prefix.get(..want.prefix.len()) == Some(&want.prefix[..])
+        self.salt == want.salt
+            && self.lossy == want.lossy
+            && self.prefix.get(..want.prefix.len()) == Some(&want.prefix[..])
     }
 }
 
@@ -148,6 +196,20 @@ impl Content {
 struct MSeq {
     salt: Option<CacheSalt>,
     tokens: Vec<u32>,
+    lossy: bool,
+}
+
+/// Raw precomputed keys of a token sequence's full blocks: each the hash of
+/// the whole prefix (equal key, equal content and history), unsalted.
+fn raw_keys(tokens: &[u32]) -> Vec<BlockHash> {
+    use std::hash::{Hash, Hasher};
+    (1..=tokens.len() / BS as usize)
+        .map(|i| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            tokens[..i * BS as usize].hash(&mut h);
+            BlockHash(u128::from(h.finish()) << 64 | 0xabcd)
+        })
+        .collect()
 }
 
 struct Model {
@@ -157,6 +219,7 @@ struct Model {
     dead: Vec<SeqId>,
     plans: Vec<PlanId>,
     dead_plans: Vec<PlanId>,
+    lossy_plans: Vec<PlanId>,
     mem: HashMap<(PoolId, BlockId), Content>,
     bases: [Vec<u32>; 3],
 }
@@ -199,6 +262,7 @@ impl Model {
             dead: Vec::new(),
             plans: Vec::new(),
             dead_plans: Vec::new(),
+            lossy_plans: Vec::new(),
             mem: HashMap::new(),
             bases,
         }
@@ -213,6 +277,7 @@ impl Model {
         Content {
             salt: s.salt,
             prefix: s.tokens[..end].to_vec(),
+            lossy: s.lossy,
         }
     }
 
@@ -323,7 +388,11 @@ impl Model {
                     Err(e @ Error::TooManySequences { .. }) => Err(e),
                     Err(e) => panic!("unexpected {e}"),
                     Ok(a) => {
-                        let m = MSeq { salt, tokens };
+                        let m = MSeq {
+                            salt,
+                            tokens,
+                            lossy: false,
+                        };
                         self.add_seq(a.seq, m);
                         // Hits must already hold the right KV; the rest is computed now.
                         for i in 0..a.hit_blocks as usize {
@@ -345,7 +414,14 @@ impl Model {
                     .allocate(DEV[dev as usize], &Prompt::len(u32::from(len)))?;
                 // Unknown ids: the model still needs some; use a reserved range.
                 let tokens = (0..u32::from(len)).map(|i| 1000 + i).collect();
-                self.add_seq(a.seq, MSeq { salt: None, tokens });
+                self.add_seq(
+                    a.seq,
+                    MSeq {
+                        salt: None,
+                        tokens,
+                        lossy: false,
+                    },
+                );
                 assert_eq!(a.hit_blocks, 0);
                 self.write_blocks(a.seq, 0);
                 Ok(())
@@ -457,14 +533,17 @@ impl Model {
                     MSeq {
                         salt,
                         tokens: vec![],
+                        lossy: false,
                     },
                 );
                 let tokens = (s.tokens.len() * frac as usize / 255) as u32;
                 match self.cache.share_prefix(source, target, tokens) {
                     Ok(()) => {
                         assert_eq!(salt, s.salt, "salts mixed but shared");
-                        self.seqs.get_mut(&target).unwrap().tokens =
-                            s.tokens[..tokens as usize].to_vec();
+                        let t = self.seqs.get_mut(&target).unwrap();
+                        t.tokens = s.tokens[..tokens as usize].to_vec();
+                        t.lossy = s.lossy && tokens > 0;
+                        assert_eq!(self.cache.info(target)?.lossy, t.lossy);
                         Ok(())
                     }
                     Err(Error::SaltMismatch { .. }) if salt != s.salt => Ok(()),
@@ -512,14 +591,19 @@ impl Model {
                 }
                 let p = self.plans.remove(pick as usize % self.plans.len());
                 // Execute the copies (the backend's job), then commit.
+                let lossy = self.lossy_plans.contains(&p);
                 let view = self.cache.plan(p)?;
                 let copies: Vec<_> = view.copies().collect();
-                let (sp, dp) = (view.src_pool, view.dst_pool);
+                let (sp, dp, seq) = (view.src_pool, view.dst_pool, view.seq);
                 for c in copies {
-                    let v = self.mem.get(&(sp, c.src)).cloned().expect("source has KV");
+                    let mut v = self.mem.get(&(sp, c.src)).cloned().expect("source has KV");
+                    v.lossy |= lossy;
                     self.mem.insert((dp, c.dst), v);
                 }
                 self.cache.commit(p)?;
+                if let (true, Some(seq)) = (lossy, seq) {
+                    self.seqs.get_mut(&seq).unwrap().lossy = true;
+                }
                 self.dead_plans.push(p);
                 Ok(())
             }
@@ -538,6 +622,7 @@ impl Model {
                             Content {
                                 salt: Some(CacheSalt(666)),
                                 prefix: vec![],
+                                lossy: true,
                             },
                         );
                     }
@@ -548,9 +633,11 @@ impl Model {
                 Ok(())
             }
             Op::Evict { pool } => {
-                let p = self.cache.pool_mut(PoolId(u16::from(pool)))?;
-                let before = p.cached_len();
-                match p.evict_one() {
+                let pool = PoolId(u16::from(pool));
+                let before = self.cache.pool(pool)?.cached_len();
+                let evicted = self.cache.evict_one(pool)?;
+                let p = self.cache.pool(pool)?;
+                match evicted {
                     Some((b, key)) => {
                         assert_eq!(p.cached_len(), before - 1);
                         assert_eq!(p.lookup(key), None);
@@ -579,9 +666,14 @@ impl Model {
                     );
                     for pool in [DEV[0], DEV[1], HOST] {
                         if let Some(b) = self.cache.pool(pool)?.lookup(tip) {
+                            // Published KV is always exact.
+                            let exact = Content {
+                                lossy: false,
+                                ..self.expected(&s, i)
+                            };
                             assert_eq!(
                                 self.mem.get(&(pool, b)),
-                                Some(&self.expected(&s, i)),
+                                Some(&exact),
                                 "lookup returned a block with another key ({pool}, {b}, {})",
                                 info.pool
                             );
@@ -591,17 +683,20 @@ impl Model {
                 Ok(())
             }
             Op::Shrink { dev, frac } => {
-                let p = self.cache.pool_mut(DEV[dev as usize])?;
+                let pool = DEV[dev as usize];
+                let p = self.cache.pool(pool)?;
                 let to = (p.max_blocks() * u32::from(frac) / 255).max(1);
                 let before = p.capacity();
-                p.shrink(to)?;
-                assert_eq!(p.capacity(), before.min(to));
+                self.cache.shrink(pool, to)?;
+                assert_eq!(self.cache.pool(pool)?.capacity(), before.min(to));
                 Ok(())
             }
             Op::Grow { dev } => {
-                let p = self.cache.pool_mut(DEV[dev as usize])?;
+                let pool = DEV[dev as usize];
+                let p = self.cache.pool(pool)?;
                 let n = p.max_blocks() - p.capacity();
-                p.grow(n)?;
+                self.cache.grow(pool, n)?;
+                let p = self.cache.pool(pool)?;
                 assert_eq!(p.capacity(), p.max_blocks());
                 Ok(())
             }
@@ -622,6 +717,149 @@ impl Model {
                         | Error::SequenceBusy(_)
                         | Error::TooManyPlans { .. }),
                     ) => Err(e),
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            Op::AllocateKeys {
+                dev,
+                salt,
+                base,
+                prefix,
+                dup,
+            } => {
+                let tokens = self.bases[base as usize][..prefix as usize].to_vec();
+                let mut keys = raw_keys(&tokens);
+                if let Some((i, j)) = dup
+                    && keys.len() >= 2
+                {
+                    let i = i as usize % keys.len();
+                    let j = j as usize % keys.len();
+                    keys[i.max(j)] = keys[i.min(j)];
+                }
+                let salt = salt_of(salt);
+                let pool = DEV[dev as usize];
+                let mut prompt = Prompt::keys(&keys, tokens.len() as u32);
+                prompt.salt = salt;
+                let a = match self.cache.allocate(pool, &prompt) {
+                    Err(e @ (Error::OutOfBlocks { .. } | Error::TooManySequences { .. })) => {
+                        return Err(e);
+                    }
+                    Err(e) => panic!("unexpected {e}"),
+                    Ok(a) => a,
+                };
+                let m = MSeq {
+                    salt,
+                    tokens,
+                    lossy: false,
+                };
+                self.add_seq(a.seq, m);
+                for i in 0..a.hit_blocks as usize {
+                    let b = self.cache.table(a.seq)?[i];
+                    assert_eq!(
+                        self.mem.get(&(pool, b)),
+                        Some(&self.expected(&self.seqs[&a.seq], i)),
+                        "prefix hit by keys returned a block with other content"
+                    );
+                }
+                self.write_blocks(a.seq, a.hit_blocks as usize);
+                Ok(())
+            }
+            Op::AllocateHost => {
+                let r = self.cache.allocate(HOST, &Prompt::ids(&[1, 2, 3, 4, 5]));
+                assert_eq!(r.unwrap_err(), Error::NotADevicePool(HOST));
+                Err(Error::NotADevicePool(HOST))
+            }
+            Op::Cow { pick } => {
+                let Some(seq) = self.pick(pick) else {
+                    return Ok(());
+                };
+                match self.cache.cow(seq) {
+                    Ok(Some(p)) => {
+                        self.plans.push(p);
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(
+                        e @ (Error::OutOfBlocks { .. }
+                        | Error::SequenceBusy(_)
+                        | Error::SequenceSwappedOut(_)
+                        | Error::TooManyPlans { .. }),
+                    ) => Err(e),
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            Op::SwapOutLossy { pick } | Op::SwapInLossy { pick, .. } => {
+                let Some(seq) = self.pick(pick) else {
+                    return Ok(());
+                };
+                let res = match *op {
+                    Op::SwapInLossy { dev, .. } => {
+                        self.cache
+                            .swap_in_as(seq, DEV[dev as usize], Fidelity::Lossy)
+                    }
+                    _ => self.cache.swap_out_as(seq, HOST, Fidelity::Lossy),
+                };
+                match res {
+                    Ok(p) => {
+                        self.plans.push(p);
+                        self.lossy_plans.push(p);
+                        Ok(())
+                    }
+                    Err(
+                        e @ (Error::OutOfBlocks { .. }
+                        | Error::SequenceBusy(_)
+                        | Error::NotOnDevice(_)
+                        | Error::NotSwappedOut(_)
+                        | Error::TooManyPlans { .. }
+                        | Error::LargerThanPool { .. }),
+                    ) => Err(e),
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            Op::Offload { dev, n } => {
+                match self
+                    .cache
+                    .offload(DEV[dev as usize], HOST, u32::from(n), |_| false)
+                {
+                    Ok(Some(p)) => {
+                        assert!(self.cache.plan(p)?.len() <= n as usize);
+                        self.plans.push(p);
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e @ (Error::OutOfBlocks { .. } | Error::TooManyPlans { .. })) => Err(e),
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            Op::Promote { pick, dev } => {
+                let Some(seq) = self.pick(pick) else {
+                    return Ok(());
+                };
+                let s = self.seqs[&seq].clone();
+                let h = *self.cache.hasher();
+                let mut tip = pagedkv_core::BlockHasher::root(&h, s.salt);
+                let keys: Vec<BlockHash> = s
+                    .tokens
+                    .chunks_exact(BS as usize)
+                    .enumerate()
+                    .map(|(i, t)| {
+                        tip = pagedkv_core::BlockHasher::hash_block(
+                            &h,
+                            tip,
+                            t,
+                            i as u32 * BS,
+                            &Default::default(),
+                        );
+                        tip
+                    })
+                    .collect();
+                match self.cache.promote(HOST, DEV[dev as usize], &keys) {
+                    Ok(Some(p)) => {
+                        self.plans.push(p);
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e @ (Error::OutOfBlocks { .. } | Error::TooManyPlans { .. })) => Err(e),
                     Err(e) => panic!("unexpected {e}"),
                 }
             }

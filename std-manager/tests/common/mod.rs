@@ -15,7 +15,7 @@ use pagedkv_core::{
     Backend, BackendError, ErrorKind, QuantFormat, Quantize, RegionDesc, ValidatedBatch,
 };
 use pagedkv_hal_host::{HostBackend, HostError, HostFence, HostRegion};
-use pagedkv_manager::{AllocationRequest, BlockOrder, CacheConfig, DType, KvLayout, RequestId};
+use pagedkv_manager::{AllocationRequest, BlockOrder, DType, KvLayout, ManagerConfig, RequestId};
 
 pub fn layout() -> KvLayout {
     KvLayout {
@@ -28,8 +28,8 @@ pub fn layout() -> KvLayout {
     }
 }
 
-pub fn config(blocks: usize) -> CacheConfig {
-    let mut c = CacheConfig::new(layout(), blocks);
+pub fn config(blocks: usize) -> ManagerConfig {
+    let mut c = ManagerConfig::new(layout(), blocks);
     c.hash_key = Some(*b"manager-test-key");
     c.max_sequence_length = 4096;
     c

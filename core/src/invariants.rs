@@ -1,0 +1,149 @@
+//! The cache-wide invariant check: every pool, every sequence and plan, and
+//! that each block's reference count equals the table entries and plan
+//! references naming it.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "indices below u32 limits by construction"
+)]
+
+use crate::cache::{HOLE, KvCache, row_of};
+use crate::hash::BlockHasher;
+use crate::ids::{BlockId, PoolId};
+use crate::pool::{Invariant, ensure};
+use crate::slab::NIL;
+
+impl<H: BlockHasher> KvCache<'_, H> {
+    /// Checks every pool, every sequence and plan, and that each block's
+    /// reference count equals the number of table entries and plan
+    /// references naming it. O(capacity + table entries) with `alloc`,
+    /// quadratic in table entries without it (meant for tests and small
+    /// firmware pools).
+    pub fn check_invariants(&self) -> Result<(), Invariant> {
+        for p in &self.pools {
+            p.check_invariants()?;
+        }
+        self.seqs.check("live sequence count")?;
+        self.plans.check("live plan count")?;
+        let bs = self.bs;
+        for (idx, s) in self.seqs.iter() {
+            ensure(
+                u64::from(s.blocks) == self.blocks_for(u64::from(s.tokens)),
+                "table length vs tokens",
+                Some(idx),
+            )?;
+            ensure(s.first_live <= s.blocks, "first_live past end", Some(idx))?;
+            ensure(
+                s.keyed_blocks <= s.tokens / bs,
+                "keyed past full blocks",
+                Some(idx),
+            )?;
+            let pi = self.pool_index(PoolId(s.pool)).map_err(|_| Invariant {
+                what: "seq in unknown pool",
+                at: Some(idx),
+            })?;
+            let pool = self.pools.get(pi);
+            for (k, &b) in self.row(idx).iter().take(s.blocks as usize).enumerate() {
+                if (k as u32) < s.first_live {
+                    ensure(b == HOLE, "hole expected", Some(idx))?;
+                } else {
+                    let rc = pool.and_then(|p| p.ref_count(b).ok()).unwrap_or(0);
+                    ensure(rc > 0, "table names an unheld block", Some(idx))?;
+                }
+            }
+            if s.plan != NIL {
+                let p = self.plans.at(s.plan).filter(|p| p.links.live);
+                ensure(
+                    p.is_some_and(|p| p.seq == idx),
+                    "moving sequence without its plan",
+                    Some(idx),
+                )?;
+            }
+        }
+        for (idx, p) in self.plans.iter() {
+            if p.seq == NIL {
+                continue;
+            }
+            let s = self.seqs.at(p.seq).filter(|s| s.links.live);
+            ensure(
+                s.is_some_and(|s| s.plan == idx),
+                "plan without its sequence",
+                Some(idx),
+            )?;
+            ensure(
+                s.is_some_and(|s| p.len == s.blocks - s.first_live),
+                "plan length",
+                Some(idx),
+            )?;
+        }
+        self.check_ref_counts()
+    }
+
+    /// Every reference the cache's sequences and plans hold, as (pool
+    /// index, block): live table entries; plan targets (a relocation's or a
+    /// copy-on-write's unmoved positions are the table's own); tier plan sources.
+    fn holders(&self) -> impl Iterator<Item = (usize, BlockId)> + '_ {
+        let tables = self.seqs.iter().flat_map(move |(i, s)| {
+            let pi = self.pool_index(PoolId(s.pool)).ok();
+            row_of(&self.tables, i, self.width)
+                .get(s.first_live as usize..s.blocks as usize)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(move |&b| pi.map(|pi| (pi, b)))
+        });
+        let plans = self.plans.iter().flat_map(move |(i, p)| {
+            let src = self.pool_index(PoolId(p.src)).ok();
+            let dst = self.pool_index(PoolId(p.dst)).ok();
+            let tier = p.seq == NIL;
+            let same = p.src == p.dst;
+            self.plan_sources(i, p)
+                .iter()
+                .zip(self.plan_targets(i, p))
+                .flat_map(move |(&s, &t)| {
+                    let target = (tier || !same || s != t).then_some(t);
+                    let source = (tier && s != HOLE).then_some(s);
+                    let t = target.and_then(|t| dst.map(|d| (d, t)));
+                    let s = source.and_then(|s| src.map(|p| (p, s)));
+                    t.into_iter().chain(s)
+                })
+        });
+        tables.chain(plans)
+    }
+
+    #[cfg(feature = "alloc")]
+    fn check_ref_counts(&self) -> Result<(), Invariant> {
+        let mut counts: alloc::vec::Vec<alloc::vec::Vec<u32>> = self
+            .pools
+            .iter()
+            .map(|p| alloc::vec![0; p.max_blocks() as usize])
+            .collect();
+        for (pi, b) in self.holders() {
+            let c = counts
+                .get_mut(pi)
+                .and_then(|c| c.get_mut(b.index()))
+                .ok_or(Invariant {
+                    what: "table entry out of range",
+                    at: Some(b.0),
+                })?;
+            *c += 1;
+        }
+        for (p, counts) in self.pools.iter().zip(&counts) {
+            for (b, &c) in counts.iter().enumerate() {
+                let rc = p.ref_count(BlockId(b as u32)).unwrap_or(u32::MAX);
+                ensure(rc == c, "ref count differs from holders", Some(b as u32))?;
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "alloc"))]
+    fn check_ref_counts(&self) -> Result<(), Invariant> {
+        for (pi, p) in self.pools.iter().enumerate() {
+            for b in 0..p.max_blocks() {
+                let c = self.holders().filter(|&(q, h)| q == pi && h.0 == b).count() as u32;
+                let rc = p.ref_count(BlockId(b)).unwrap_or(u32::MAX);
+                ensure(rc == c, "ref count differs from holders", Some(b))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! The pool's invariant check, and its unit tests.
+
+use super::{BlockPool, CACHED, FREE, Invariant, NIL, ensure};
+use crate::ids::BlockId;
+
+impl BlockPool<'_> {
+    /// Checks, in O(capacity): the free stack holds exactly the free blocks;
+    /// the eviction order is a well-linked list of exactly the cached blocks;
+    /// free + cached + used = capacity; every keyed block is indexed and
+    /// reachable under its key, and every index entry names a block carrying it.
+    pub fn check_invariants(&self) -> Result<(), Invariant> {
+        let cap = self.max_blocks();
+        let (mut free, mut cached, mut keyed, mut held) = (0u32, 0u32, 0u32, 0u32);
+        for (i, s) in self.slots.iter().enumerate() {
+            let i = i as u32;
+            match s.state() {
+                FREE if i < self.online => free += 1,
+                FREE => {}
+                CACHED => {
+                    ensure(i < self.online, "cached block out of service", Some(i))?;
+                    cached += 1;
+                }
+                _ => {
+                    ensure(s.a > 0, "held block with zero holders", Some(i))?;
+                    ensure(
+                        s.a & super::lists::PIN_BIT == 0,
+                        "pin left on a block",
+                        Some(i),
+                    )?;
+                    held += 1;
+                }
+            }
+            if s.is_keyed() {
+                keyed += 1;
+                let found = self.lookup(s.key());
+                ensure(
+                    found == Some(BlockId(i)),
+                    "keyed block not indexed",
+                    Some(i),
+                )?;
+            }
+        }
+        ensure(free == self.free_len, "free count", None)?;
+        ensure(held == self.held, "held count", None)?;
+        ensure(self.stats.blocks_total == self.online, "total blocks", None)?;
+        ensure(cached == self.evict_len, "cached count", None)?;
+        ensure(keyed == self.index.len(), "index size", None)?;
+        // Free stack.
+        let (mut n, mut i) = (0u32, self.free_head);
+        while i != NIL {
+            let s = self.at(i);
+            ensure(s.is_some(), "free link out of range", Some(i))?;
+            let s = s.copied().unwrap_or(super::BlockSlot::EMPTY);
+            ensure(s.state() == FREE, "non-free on free stack", Some(i))?;
+            n += 1;
+            ensure(n <= free, "free stack cycle", Some(i))?;
+            i = s.next();
+        }
+        ensure(n == free, "free stack length", None)?;
+        // Eviction order, both directions.
+        let (mut n, mut prev, mut i) = (0u32, NIL, self.evict_head);
+        while i != NIL {
+            let s = self.at(i);
+            ensure(s.is_some(), "eviction link out of range", Some(i))?;
+            let s = s.copied().unwrap_or(super::BlockSlot::EMPTY);
+            ensure(s.state() == CACHED, "non-cached in eviction order", Some(i))?;
+            ensure(s.a == prev, "eviction prev link", Some(i))?;
+            n += 1;
+            ensure(n <= cached, "eviction order cycle", Some(i))?;
+            prev = i;
+            i = s.next();
+        }
+        ensure(prev == self.evict_tail, "eviction tail", None)?;
+        ensure(n == cached, "eviction order length", None)?;
+        // Index entries.
+        for (at, e) in self.index.entries() {
+            let s = self.at(e);
+            ensure(e < cap && s.is_some(), "index entry out of range", Some(e))?;
+            let s = s.copied().unwrap_or(super::BlockSlot::EMPTY);
+            ensure(s.is_keyed(), "index names an unkeyed block", Some(e))?;
+            ensure(
+                self.index.reachable(s.key(), at),
+                "index entry unreachable",
+                Some(e),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+    use crate::buckets_for;
+
+    fn pool(n: u32) -> BlockPool<'static> {
+        BlockPool::with_capacity(PoolConfig::device(0, 16), n).unwrap()
+    }
+
+    #[test]
+    fn metadata_bytes_per_block() {
+        assert_eq!(core::mem::size_of::<BlockSlot>(), 24);
+        for n in [64u32, 1000, 8192, 1 << 20, 3_000_001] {
+            let bytes = core::mem::size_of::<BlockSlot>() * n as usize + 4 * buckets_for(n);
+            assert!(bytes as f64 / f64::from(n) <= 32.0, "{n}: {bytes}");
+        }
+    }
+
+    #[test]
+    fn never_cached_blocks_are_reused_before_cached_ones() {
+        let mut p = pool(4);
+        let a = p.allocate_one().unwrap();
+        let b = p.allocate_one().unwrap();
+        p.register(a, BlockHash(1), None).unwrap();
+        p.release(a).unwrap();
+        p.release(b).unwrap();
+        // b (unkeyed) comes back first; then the two never-used blocks; then a.
+        assert_eq!(p.allocate_one().unwrap(), b);
+        p.allocate_one().unwrap();
+        p.allocate_one().unwrap();
+        assert_eq!(p.lookup(BlockHash(1)), Some(a));
+        assert_eq!(p.allocate_one().unwrap(), a);
+        assert_eq!(p.lookup(BlockHash(1)), None);
+        assert_eq!(p.stats().evictions, 1);
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn eviction_is_lru_and_a_hit_leaves_the_order() {
+        let mut p = pool(3);
+        let mut ids = [BlockId(0); 3];
+        p.allocate(&mut ids).unwrap();
+        for (k, &b) in ids.iter().enumerate() {
+            p.register(b, BlockHash(k as u128 + 10), None).unwrap();
+        }
+        p.free(&[ids[2], ids[1], ids[0]]).unwrap();
+        assert!(p.eviction_order().eq([ids[2], ids[1], ids[0]]));
+        assert_eq!(p.acquire(BlockHash(11)), Some(ids[1]));
+        assert!(p.eviction_order().eq([ids[2], ids[0]]));
+        p.release(ids[1]).unwrap();
+        assert!(p.eviction_order().eq([ids[2], ids[0], ids[1]]));
+        assert_eq!(p.evict_one(), Some((ids[2], BlockHash(12))));
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn duplicate_registration_keeps_the_index_intact() {
+        let mut p = pool(2);
+        let a = p.allocate_one().unwrap();
+        let b = p.allocate_one().unwrap();
+        assert_eq!(p.register(a, BlockHash(5), None), Ok(Registered::Stored));
+        assert_eq!(
+            p.register(b, BlockHash(5), None),
+            Ok(Registered::Duplicate(a))
+        );
+        assert_eq!(
+            p.register(a, BlockHash(6), None),
+            Err(Error::AlreadyRegistered(a))
+        );
+        p.release(b).unwrap();
+        assert_eq!(p.free_len(), 1);
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn index_survives_heavy_churn() {
+        let mut p = pool(64);
+        let mut held = heapless::Vec::<BlockId, 64>::new();
+        let mut x: u64 = 1;
+        for step in 0..20_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if held.len() < 40 && !x.is_multiple_of(3) {
+                let key = BlockHash(u128::from(x % 97));
+                let b = match p.acquire(key) {
+                    Some(b) => b,
+                    None => {
+                        let b = p.allocate_one().unwrap();
+                        p.register(b, key, None).unwrap();
+                        b
+                    }
+                };
+                held.push(b).unwrap();
+            } else if let Some(b) = held.pop() {
+                p.release(b).unwrap();
+            }
+            if step % 1000 == 0 {
+                p.check_invariants().unwrap();
+            }
+        }
+        p.check_invariants().unwrap();
+    }
+}

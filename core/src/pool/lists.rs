@@ -1,0 +1,236 @@
+//! The intrusive lists of a pool (the free stack and the eviction order),
+//! threaded through the slots, and the moves of a block between states.
+//!
+//! Slot indices handed to these functions come from the pool itself (list
+//! links, or ids checked by the caller), so a missing slot can only mean a
+//! broken invariant: the functions then do nothing (`check_invariants`
+//! reports it) rather than panic.
+
+use super::{BlockPool, CACHED, FREE, NIL, USED, USED_KEYED};
+use crate::ids::{BlockHash, BlockId};
+
+/// Holders beyond which a prefix hit is treated as a miss (unreachable in
+/// practice; keeps every reference count far from overflowing).
+const MAX_HOLDERS: u32 = u32::MAX / 4;
+/// Marks a held block pinned by the allocation being planned (the top bit
+/// of its reference count, which never reaches it).
+pub(super) const PIN_BIT: u32 = 1 << 31;
+
+impl BlockPool<'_> {
+    #[inline]
+    pub(super) fn free_push(&mut self, i: u32) {
+        let head = self.free_head;
+        if let Some(s) = self.at_mut(i) {
+            s.set(FREE, head);
+            self.free_head = i;
+            self.free_len += 1;
+        }
+    }
+
+    #[inline]
+    fn free_pop(&mut self) -> Option<u32> {
+        let i = self.free_head;
+        let next = self.at(i)?.next();
+        self.free_head = next;
+        self.free_len -= 1;
+        Some(i)
+    }
+
+    #[inline]
+    pub(super) fn evict_push_back(&mut self, i: u32) {
+        let tail = self.evict_tail;
+        let Some(s) = self.at_mut(i) else { return };
+        s.a = tail;
+        s.set(CACHED, NIL);
+        match self.at_mut(tail) {
+            Some(t) => {
+                let st = t.state();
+                t.set(st, i);
+            }
+            None => self.evict_head = i,
+        }
+        self.evict_tail = i;
+        self.evict_len += 1;
+    }
+
+    /// Unlinks a cached block from the eviction order. The block's own links
+    /// are left as they were, so [`relink`](Self::relink) can put it back
+    /// exactly where it was (as long as nothing else changed the list).
+    #[inline]
+    pub(super) fn evict_unlink(&mut self, i: u32) {
+        let Some((prev, next)) = self.at(i).map(|s| (s.a, s.next())) else {
+            return;
+        };
+        match self.at_mut(prev) {
+            Some(p) => {
+                let st = p.state();
+                p.set(st, next);
+            }
+            None => self.evict_head = next,
+        }
+        match self.at_mut(next) {
+            Some(n) => n.a = prev,
+            None => self.evict_tail = prev,
+        }
+        self.evict_len -= 1;
+    }
+
+    /// Undoes [`evict_unlink`](Self::evict_unlink) of block `i` (dancing
+    /// links: exact when undone in reverse order of the unlinks).
+    #[inline]
+    fn relink(&mut self, i: u32) {
+        let Some((prev, next)) = self.at(i).map(|s| (s.a, s.next())) else {
+            return;
+        };
+        match self.at_mut(prev) {
+            Some(p) => {
+                let st = p.state();
+                p.set(st, i);
+            }
+            None => self.evict_head = i,
+        }
+        match self.at_mut(next) {
+            Some(n) => n.a = i,
+            None => self.evict_tail = i,
+        }
+        if let Some(s) = self.at_mut(i) {
+            s.set(CACHED, next);
+        }
+        self.evict_len += 1;
+    }
+
+    /// Takes one block for a new holder: the free stack first, else the LRU
+    /// cached block (its key leaves the index). The caller checked
+    /// availability; `None` only if the lists are broken.
+    #[inline]
+    pub(super) fn take(&mut self) -> Option<u32> {
+        let i = if self.free_len > 0 {
+            self.free_pop()?
+        } else {
+            let i = self.evict_head;
+            self.at(i)?;
+            self.evict_unlink(i);
+            self.drop_key(i);
+            self.stats.evictions += 1;
+            crate::fmt::trace!("pool {}: evicted block {}", self.config.id.0, i);
+            i
+        };
+        let s = self.at_mut(i)?;
+        s.a = 1;
+        s.set(USED, 0);
+        self.held += 1;
+        Some(i)
+    }
+
+    /// A block lost its last holder: to the eviction order (keyed), the free
+    /// stack, or out of service (draining past `capacity`).
+    #[inline]
+    pub(super) fn unheld(&mut self, i: u32) {
+        let Some(keyed) = self.at(i).map(|s| s.state() == USED_KEYED) else {
+            return;
+        };
+        self.held -= 1;
+        if i >= self.online {
+            if keyed {
+                self.drop_key(i);
+            }
+            if let Some(s) = self.at_mut(i) {
+                s.set(FREE, NIL);
+            }
+        } else if keyed {
+            self.evict_push_back(i);
+        } else {
+            self.free_push(i);
+        }
+    }
+
+    // ---- the prefix hits of one allocation ---------------------------------
+    //
+    // An allocation first walks its prompt's keys and pins each hit, so that
+    // `available()` counts exactly what the rest of the prompt can use; then
+    // it either holds the hits (success) or unpins them (refusal). A cached
+    // hit is pinned by unlinking it from the eviction order and marking it
+    // USED while its slot keeps its list links (a state no indexed block
+    // otherwise has); a held hit by setting `PIN_BIT` in its count. Either
+    // mark makes a second hit on the same block in one walk (a key repeated
+    // in one prompt) recognisable: it ends the match. Unpinning relinks a
+    // cached block in place; nothing else touches the pool between the pins
+    // and their undo, so the eviction order is restored exactly.
+
+    /// Pins the block under `key` for the allocation being planned. `None`
+    /// when the key is not indexed, or its block was already pinned by this
+    /// walk (a key repeated in one prompt ends the match there).
+    pub(crate) fn pin_hit(&mut self, key: BlockHash) -> Option<BlockId> {
+        let b = self.lookup(key)?;
+        let s = self.at(b.0)?;
+        match s.state() {
+            CACHED => {
+                self.evict_unlink(b.0);
+                let s = self.at_mut(b.0)?;
+                let next = s.next();
+                s.set(USED, next);
+                Some(b)
+            }
+            USED_KEYED if s.a < MAX_HOLDERS => {
+                self.at_mut(b.0)?.a |= PIN_BIT;
+                Some(b)
+            }
+            _ => None,
+        }
+    }
+
+    /// Undoes [`pin_hit`](Self::pin_hit) for `hits` (the blocks it returned,
+    /// in order), restoring the eviction order exactly.
+    pub(crate) fn unpin_hits(&mut self, hits: &[BlockId]) {
+        for b in hits.iter().rev() {
+            match self.at_mut(b.0) {
+                Some(s) if s.state() == USED => self.relink(b.0),
+                Some(s) => s.a &= !PIN_BIT,
+                None => {}
+            }
+        }
+    }
+
+    /// Gives each pinned hit its holder (the allocation succeeded).
+    pub(crate) fn hold_hits(&mut self, hits: &[BlockId]) {
+        for b in hits {
+            let Some(s) = self.at_mut(b.0) else { continue };
+            match s.state() {
+                USED => {
+                    s.a = 1;
+                    s.set(USED_KEYED, 0);
+                    self.held += 1;
+                }
+                USED_KEYED => s.a = (s.a & !PIN_BIT) + 1,
+                _ => debug_assert!(false, "hit neither pinned nor held"),
+            }
+        }
+    }
+
+    /// Takes a holder on a held or cached keyed block. False for a block
+    /// that is neither (or whose count is implausibly high).
+    #[inline]
+    pub(crate) fn acquire_block(&mut self, b: BlockId) -> bool {
+        let Some(s) = self.at(b.0) else {
+            return false;
+        };
+        match s.state() {
+            CACHED => {
+                self.evict_unlink(b.0);
+                if let Some(s) = self.at_mut(b.0) {
+                    s.a = 1;
+                    s.set(USED_KEYED, 0);
+                }
+                self.held += 1;
+                true
+            }
+            USED_KEYED if s.a < MAX_HOLDERS => {
+                if let Some(s) = self.at_mut(b.0) {
+                    s.a += 1;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}

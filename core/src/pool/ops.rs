@@ -1,0 +1,263 @@
+//! What a pool's users call: allocate and release, prefix lookups and
+//! registration, eviction, events.
+
+use super::{BlockPool, BlockSlot, CACHED, NIL, Registered, USED, USED_KEYED};
+use crate::error::{Error, Result};
+use crate::events::KvEvent;
+use crate::ids::{BlockHash, BlockId};
+use crate::prefix::Insert;
+
+impl BlockPool<'_> {
+    #[inline]
+    fn check_available(&mut self, n: u32) -> Result<()> {
+        if n > self.max_blocks() {
+            return Err(Error::LargerThanPool {
+                needed: u64::from(n),
+                capacity: self.max_blocks(),
+            });
+        }
+        let available = self.available();
+        if n > available {
+            crate::fmt::debug!(
+                "pool {}: out of blocks, {} needed, {} available",
+                self.config.id.0,
+                n,
+                available
+            );
+            self.stats.allocation_failures += 1;
+            return Err(Error::OutOfBlocks {
+                needed: n,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    /// One block with reference count 1. O(1).
+    #[inline]
+    pub fn allocate_one(&mut self) -> Result<BlockId> {
+        self.check_available(1)?;
+        self.stats.allocations += 1;
+        self.take().map(BlockId).ok_or(Error::OutOfBlocks {
+            needed: 1,
+            available: 0,
+        })
+    }
+
+    /// Fills `out` with fresh blocks (reference count 1 each), all or nothing.
+    /// O(1) per block.
+    pub fn allocate(&mut self, out: &mut [BlockId]) -> Result<()> {
+        let n = u32::try_from(out.len()).map_err(|_| Error::LargerThanPool {
+            needed: out.len() as u64,
+            capacity: self.max_blocks(),
+        })?;
+        self.check_available(n)?;
+        self.stats.allocations += u64::from(n);
+        for o in out.iter_mut() {
+            // Cannot fail after the check unless the lists are broken.
+            *o = BlockId(self.take().unwrap_or(NIL));
+        }
+        Ok(())
+    }
+
+    /// Adds a holder to a held block. O(1).
+    #[inline]
+    pub fn add_ref(&mut self, b: BlockId) -> Result<()> {
+        let s = self
+            .slots
+            .get_mut(b.index())
+            .ok_or(Error::UnknownBlock(b))?;
+        if !s.is_held() {
+            return Err(Error::BlockNotInUse(b));
+        }
+        s.a = s.a.checked_add(1).ok_or(Error::RefCountOverflow(b))?;
+        Ok(())
+    }
+
+    /// Drops one holder. At zero, a keyed block joins the tail of the
+    /// eviction order (still a prefix hit) and an unkeyed one the free stack.
+    /// Returns whether the block lost its last holder. O(1).
+    #[inline]
+    pub fn release(&mut self, b: BlockId) -> Result<bool> {
+        let s = self
+            .slots
+            .get_mut(b.index())
+            .ok_or(Error::UnknownBlock(b))?;
+        if !s.is_held() || s.a == 0 {
+            return Err(Error::BlockNotInUse(b));
+        }
+        s.a -= 1;
+        if s.a > 0 {
+            return Ok(false);
+        }
+        self.unheld(b.0);
+        Ok(true)
+    }
+
+    /// Releases each block once, in order (put a finished sequence's tail
+    /// first so it is evicted first). All or nothing: if any release would be
+    /// invalid (unknown block, or more releases than holders) nothing changes.
+    pub fn free(&mut self, blocks: &[BlockId]) -> Result<()> {
+        // Pass 1: decrement, checking; undo on failure.
+        for (k, &b) in blocks.iter().enumerate() {
+            let ok = match self.slots.get_mut(b.index()) {
+                None => Err(Error::UnknownBlock(b)),
+                Some(s) if !s.is_held() || s.a == 0 => Err(Error::BlockNotInUse(b)),
+                Some(s) => {
+                    s.a -= 1;
+                    Ok(())
+                }
+            };
+            if let Err(e) = ok {
+                for u in blocks.iter().take(k) {
+                    if let Some(s) = self.slots.get_mut(u.index()) {
+                        s.a += 1;
+                    }
+                }
+                return Err(e);
+            }
+        }
+        // Pass 2: move the blocks that lost their last holder to their list.
+        for &b in blocks {
+            if self.at(b.0).is_some_and(|s| s.a == 0 && s.is_held()) {
+                self.unheld(b.0);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- prefix index -----------------------------------------------------
+
+    /// The block cached or held under `key`, without taking it. O(1) expected.
+    #[inline]
+    pub fn lookup(&self, key: BlockHash) -> Option<BlockId> {
+        let slots = &self.slots;
+        self.index
+            .find(key, |e| {
+                slots
+                    .get(e as usize)
+                    .map_or(BlockHash(!key.0), BlockSlot::key)
+            })
+            .map(BlockId)
+    }
+
+    /// A prefix hit: the block under `key` gains a holder (leaving the
+    /// eviction order if it was cached). O(1) expected.
+    #[inline]
+    pub fn acquire(&mut self, key: BlockHash) -> Option<BlockId> {
+        let b = self.lookup(key)?;
+        self.acquire_block(b).then_some(b)
+    }
+
+    /// Publishes a held, unkeyed block under `key` (its content is complete
+    /// and immutable from now on). `parent` is the chain parent, for events.
+    /// If `key` is already indexed the block stays unkeyed
+    /// ([`Registered::Duplicate`]): two sequences that computed the same block
+    /// at once never corrupt the index. O(1) expected.
+    pub fn register(
+        &mut self,
+        b: BlockId,
+        key: BlockHash,
+        parent: Option<BlockHash>,
+    ) -> Result<Registered> {
+        let s = self.slot(b)?;
+        match s.state() {
+            USED => {}
+            USED_KEYED => return Err(Error::AlreadyRegistered(b)),
+            _ => return Err(Error::BlockNotInUse(b)),
+        }
+        // The key is written first: a displacement may need it. While the
+        // state says unkeyed, the stored key bits mean nothing.
+        if let Some(s) = self.at_mut(b.0) {
+            s.set_key(key);
+        }
+        let slots = &self.slots;
+        let key_of = |e: u32| slots.get(e as usize).map_or(BlockHash(0), BlockSlot::key);
+        match self.index.insert(key, b.0, key_of) {
+            Insert::Exists(other) => Ok(Registered::Duplicate(BlockId(other))),
+            Insert::Full => Ok(Registered::IndexFull),
+            Insert::Inserted => {
+                if let Some(s) = self.at_mut(b.0) {
+                    s.set(USED_KEYED, 0);
+                }
+                self.events.stored(self.config.id, parent, key);
+                Ok(Registered::Stored)
+            }
+        }
+    }
+
+    /// Evicts the least recently used cached block to the free stack. O(1).
+    pub fn evict_one(&mut self) -> Option<(BlockId, BlockHash)> {
+        if self.evict_len == 0 {
+            return None;
+        }
+        let b = BlockId(self.evict_head);
+        self.evict(b).ok().map(|key| (b, key))
+    }
+
+    /// Evicts one particular cached block (for example one just offloaded to
+    /// another tier, or past a time-to-live) to the free stack. O(1).
+    pub fn evict(&mut self, b: BlockId) -> Result<BlockHash> {
+        let s = self.slot(b)?;
+        if s.state() != CACHED {
+            return Err(Error::NotCached(b));
+        }
+        let key = s.key();
+        self.evict_unlink(b.0);
+        self.drop_key(b.0);
+        self.stats.evictions += 1;
+        self.free_push(b.0);
+        Ok(key)
+    }
+
+    /// The cached blocks in eviction order (least recently used first).
+    pub fn eviction_order(&self) -> impl Iterator<Item = BlockId> + '_ {
+        let mut i = self.evict_head;
+        core::iter::from_fn(move || {
+            let s = self.at(i)?;
+            let b = BlockId(i);
+            i = s.next();
+            Some(b)
+        })
+    }
+
+    /// Drops every key: cached blocks return to the free stack, held blocks
+    /// stay held but unkeyed. Emits [`KvEvent::AllCleared`]. O(capacity).
+    pub fn reset_prefix_cache(&mut self) {
+        while self.evict_len > 0 {
+            let i = self.evict_head;
+            if self.at(i).is_none() {
+                break;
+            }
+            self.evict_unlink(i);
+            self.free_push(i);
+        }
+        for s in self.slots.iter_mut() {
+            if s.state() == USED_KEYED {
+                s.set(USED, 0);
+            }
+        }
+        self.index.clear();
+        self.events.cleared(self.config.id);
+    }
+
+    // ---- events -------------------------------------------------------------
+
+    /// The oldest undrained event.
+    pub fn pop_event(&mut self) -> Option<KvEvent> {
+        self.events.pop()
+    }
+    /// Events waiting to be drained.
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
+    }
+    /// Events dropped because the queue was full (resynchronise when it grows).
+    pub fn events_lost(&self) -> u64 {
+        self.events.lost()
+    }
+    /// Turns event recording on (the default when the pool has event
+    /// storage) or off.
+    pub fn set_events_enabled(&mut self, on: bool) {
+        self.events.set_enabled(on);
+    }
+}

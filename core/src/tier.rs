@@ -1,0 +1,196 @@
+//! Tier moves of cached blocks, as two-phase plans run like swaps:
+//!
+//! - [`KvCache::offload`]: the least recently used cached blocks of a
+//!   device pool are copied to a host pool before an allocation would evict
+//!   them; at commit they are published on the host tier and leave the device.
+//! - [`KvCache::promote`]: the blocks of a prompt found on the host tier
+//!   (after its device hits) are copied back to the device; at commit they are
+//!   published there, so the allocation that follows hits them.
+//!
+//! A tier plan holds its source blocks and its targets (and, for a
+//! promotion, the prompt's device hits, so the promotion's own allocation
+//! cannot evict them) until it ends. Nothing is published before its copy
+//! landed; an abort publishes nothing and releases everything it held.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "plan lengths are below max_blocks_per_seq (u32)"
+)]
+
+use crate::cache::{HOLE, KvCache, row_of, row_of_mut};
+use crate::error::{Error, Result};
+use crate::hash::BlockHasher;
+use crate::ids::{BlockHash, PlanId, PoolId};
+use crate::plan::{PlanKind, PlanSlot, two_pools};
+use crate::slab::NIL;
+
+impl<H: BlockHasher> KvCache<'_, H> {
+    /// Plans copying up to `max` cached blocks of pool `from`, least recently
+    /// used first, to pool `to`, skipping those whose key `skip` names (the
+    /// prompt about to hit them) and those `to` holds already. `None`:
+    /// nothing to offload (nothing changed). The sources leave `from`'s
+    /// eviction order until the plan ends. O(blocks walked).
+    pub fn offload(
+        &mut self,
+        from: PoolId,
+        to: PoolId,
+        max: u32,
+        skip: impl Fn(BlockHash) -> bool,
+    ) -> Result<Option<PlanId>> {
+        let (src, dst) = self.tier_pools(from, to)?;
+        let pi = self.plans.vacant().ok_or(Error::TooManyPlans {
+            capacity: self.plans.capacity(),
+        })?;
+        let (sp, dp) = two_pools(&mut self.pools, src, dst)?;
+        let dp = dp.ok_or(Error::SamePool(to))?;
+        let limit = (max as usize).min(self.width).min(dp.available() as usize);
+        let sources = row_of_mut(&mut self.plan_sources, pi, self.width);
+        let mut n = 0usize;
+        for b in sp.eviction_order() {
+            if n >= limit {
+                break;
+            }
+            let Some(key) = sp.key_of(b).ok().flatten() else {
+                continue;
+            };
+            if skip(key) || dp.lookup(key).is_some() {
+                continue;
+            }
+            if let Some(e) = sources.get_mut(n) {
+                *e = b;
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        let sources = sources.get(..n).unwrap_or(&[]);
+        for &b in sources {
+            sp.acquire_block(b);
+        }
+        let targets = row_of_mut(&mut self.plan_targets, pi, self.width);
+        dp.allocate(targets.get_mut(..n).unwrap_or(&mut []))?;
+        let plan = PlanSlot {
+            kind: PlanKind::Offload,
+            src: from.0,
+            dst: to.0,
+            len: n as u32,
+            ..PlanSlot::EMPTY
+        };
+        self.insert_plan(plan, None).map(Some)
+    }
+
+    /// Plans bringing the blocks of a prompt (its chained `keys`) that pool
+    /// `to` lacks and pool `from` holds back to `to`: from the first key `to`
+    /// misses, as long as `from` hits and `to` has room. `None`: nothing to
+    /// promote (nothing changed).
+    pub fn promote(
+        &mut self,
+        from: PoolId,
+        to: PoolId,
+        keys: &[BlockHash],
+    ) -> Result<Option<PlanId>> {
+        let (src, dst) = self.tier_pools(from, to)?;
+        let keys = keys.get(..self.width.min(keys.len())).unwrap_or(&[]);
+        let (sp, dp) = two_pools(&mut self.pools, src, dst)?;
+        let dp = dp.ok_or(Error::SamePool(to))?;
+        let start = keys
+            .iter()
+            .position(|&k| dp.lookup(k).is_none())
+            .unwrap_or(keys.len());
+        let found = keys
+            .iter()
+            .skip(start)
+            .take_while(|&&k| sp.lookup(k).is_some())
+            .count();
+        // Room left once the device hits are held (a key repeated among them
+        // is counted twice: the estimate only errs low).
+        let cached_hits = keys
+            .iter()
+            .take(start)
+            .filter(|&&k| dp.lookup(k).is_some_and(|b| dp.is_cached(b) == Ok(true)))
+            .count();
+        let room = (dp.available() as usize).saturating_sub(cached_hits);
+        let m = found.min(room);
+        if m == 0 {
+            return Ok(None);
+        }
+        let pi = self.plans.vacant().ok_or(Error::TooManyPlans {
+            capacity: self.plans.capacity(),
+        })?;
+        let len = start + m;
+        let sources = row_of_mut(&mut self.plan_sources, pi, self.width);
+        let targets = row_of_mut(&mut self.plan_targets, pi, self.width);
+        let (Some(sources), Some(targets)) = (sources.get_mut(..len), targets.get_mut(..len))
+        else {
+            return Ok(None);
+        };
+        // Hold the device hits: they stay targets of the plan, copying nothing.
+        let hits = sources.iter_mut().zip(targets.iter_mut()).zip(keys);
+        for ((s, t), &k) in hits.take(start) {
+            let b = dp.lookup(k).unwrap_or(HOLE);
+            dp.acquire_block(b);
+            (*s, *t) = (HOLE, b);
+        }
+        dp.allocate(targets.get_mut(start..).unwrap_or(&mut []))?;
+        for (s, &k) in sources.iter_mut().zip(keys).skip(start) {
+            *s = sp.lookup(k).unwrap_or(HOLE);
+            sp.acquire_block(*s);
+        }
+        let plan = PlanSlot {
+            kind: PlanKind::Promote,
+            src: from.0,
+            dst: to.0,
+            len: len as u32,
+            ..PlanSlot::EMPTY
+        };
+        self.insert_plan(plan, None).map(Some)
+    }
+
+    fn tier_pools(&self, from: PoolId, to: PoolId) -> Result<(usize, usize)> {
+        let (src, dst) = (self.pool_index(from)?, self.pool_index(to)?);
+        if src == dst {
+            return Err(Error::SamePool(to));
+        }
+        Ok((src, dst))
+    }
+
+    /// Commits an offload or a promotion (see [`commit`](Self::commit)).
+    pub(crate) fn commit_tier(&mut self, id: PlanId, p: &PlanSlot) -> Result<()> {
+        let (src, dst) = self.tier_pools(PoolId(p.src), PoolId(p.dst))?;
+        let sources = row_of(&self.plan_sources, id.index, self.width);
+        let targets = row_of(&self.plan_targets, id.index, self.width);
+        let pairs = sources.iter().zip(targets).take(p.len as usize);
+        let (sp, dp) = two_pools(&mut self.pools, src, dst)?;
+        let dp = dp.ok_or(Error::SamePool(PoolId(p.dst)))?;
+        // Publish, in chain order (a promotion's parent is the previous block).
+        let mut parent = None;
+        for (&s, &t) in pairs.clone() {
+            let key = if s == HOLE {
+                dp.key_of(t)?
+            } else {
+                let key = sp.key_of(s)?;
+                if let Some(key) = key {
+                    let up = (p.kind == PlanKind::Promote).then_some(parent).flatten();
+                    let _ = dp.register(t, key, up);
+                }
+                key
+            };
+            parent = key;
+        }
+        // Release, tail first; an offloaded block leaves the device.
+        for (&s, &t) in pairs.rev() {
+            dp.release(t)?;
+            if s != HOLE {
+                sp.release(s)?;
+                if p.kind == PlanKind::Offload && sp.is_cached(s)? {
+                    sp.evict(s)?;
+                }
+            }
+        }
+        if let Some(s) = self.seqs.at_mut(p.seq).filter(|_| p.seq != NIL) {
+            s.plan = NIL;
+        }
+        self.plans.remove(id.index);
+        Ok(())
+    }
+}

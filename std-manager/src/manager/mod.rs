@@ -1,0 +1,307 @@
+//! `KvManager`: the core's `KvCache` behind a mutex, a backend behind
+//! another, and two-phase moves between them.
+//!
+//! # Where things are
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | the manager, its shared state, the lock order, introspection |
+//! | `build.rs` | configuration checks and pool construction |
+//! | `pools.rs` | the named pools (devices, their compressed pools, the host tier) and the memory behind them |
+//! | `transfer.rs` | submitting plans to the backend, fences, the guard that aborts a dropped move |
+//! | `requests.rs` | allocate, append (with copy-on-write), fork, free |
+//! | `preempt.rs` | making room (growth, preemption), moving requests between places |
+//! | `prefix_tier.rs` | offloading cached blocks to the host tier and promoting them back |
+//! | `handle.rs` | request handles and their kernel views |
+//! | `seed_*.rs` | the seed's traits, one file each, calling the above |
+//!
+//! # Locks
+//!
+//! Two `std` mutexes: `inner` (the core's state: sequences, pools, requests)
+//! and `dev` (the backend and its regions). Neither is held across an
+//! `.await` or a wait on a fence: a move plans under `inner`, submits its
+//! copies under `dev`, polls its fences with short `dev` sections between
+//! yields, and commits under `inner`. When both are needed (growing a pool,
+//! defragmenting), `dev` is taken first.
+//!
+//! # Cancellation
+//!
+//! A pending move is owned by a guard: if the future is dropped (or the
+//! backend fails) the guard waits for submitted copies and aborts the plan,
+//! so nothing leaks and the request stays where it was. Every move is a core
+//! plan (swaps, moves, compression, relocation, copy-on-write, tier moves),
+//! so the core's invariant check sees every block a move holds.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "block sizes were checked as u64 at construction; pool indices are below 8"
+)]
+
+mod build;
+mod handle;
+mod pools;
+mod preempt;
+mod prefix_tier;
+mod requests;
+mod seed_advanced;
+mod seed_allocator;
+mod seed_cache;
+mod seed_multi;
+mod transfer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use pagedkv_core::{
+    Backend, BatchValidator, BlockId, KvCache, MemoryPressure, PressureMonitor, QuantFormat,
+    Quantize, SeqId, SipBlockHasher,
+};
+
+pub use self::handle::Handle;
+use self::pools::{PoolMap, PoolMem};
+use crate::traits::CacheEvictionPolicy;
+use crate::types::{
+    CacheManagerStats, Device, ManagerConfig, PrefixCacheConfig, Priority, RequestId,
+};
+
+/// Most device pools: each device has a compressed pool, and the host tier
+/// takes one more of the core's [`MAX_POOLS`](pagedkv_core::MAX_POOLS).
+pub const MAX_DEVICES: usize = (pagedkv_core::MAX_POOLS - 1) / 2;
+
+/// A backend the manager can drive from several threads. The bounds on the
+/// associated types are stated once, here, and inherited by every use.
+pub trait ManagedBackend:
+    Backend<Region: Send + Sync, Fence: Send, Error: Send + Sync + 'static> + Quantize + Send + 'static
+{
+}
+
+impl<B> ManagedBackend for B where
+    B: Backend<Region: Send + Sync, Fence: Send, Error: Send + Sync + 'static>
+        + Quantize
+        + Send
+        + 'static
+{
+}
+
+/// A future that is pending once: lets other tasks run between polls of a
+/// fence, on any runtime.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+fn yield_now() -> YieldNow {
+    YieldNow(false)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where a request's KV is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Place {
+    Device(usize),
+    Host,
+    Compressed(usize, QuantFormat),
+}
+
+#[derive(Debug)]
+struct ReqState {
+    seq: SeqId,
+    priority: Priority,
+    handle: Weak<Handle>,
+    device: usize,
+    compressed: Option<QuantFormat>,
+    last_access: Instant,
+}
+
+/// Blocks handed out by `BlockAllocator::allocate_blocks` (sorted, to match
+/// a later `free_blocks`), and the sequence holding them.
+type RawAllocation = (Vec<BlockId>, SeqId);
+
+struct Inner {
+    cache: KvCache<'static, SipBlockHasher>,
+    reqs: HashMap<RequestId, ReqState>,
+    raw_allocations: Vec<RawAllocation>,
+    prefix: Option<PrefixCacheConfig>,
+    preference: Vec<usize>,
+    /// Per pool: base address of each region (for kernel views).
+    bases: Vec<Vec<u64>>,
+    /// Per pool: blocks per region.
+    blocks_per_region: Vec<u32>,
+    /// Per device pool: seconds (since `epoch`) each block was last released.
+    released_at: Vec<Vec<u32>>,
+    pressure: PressureMonitor,
+    stats: Counters,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    allocations: u64,
+    failures: u64,
+    device_hits: u64,
+    host_hits: u64,
+    queries: u64,
+    swap_outs: u64,
+    swap_ins: u64,
+    compressions: u64,
+    compression_ratio_sum: f64,
+    compression_ms_sum: f64,
+}
+
+type SharedCallback = Arc<dyn Fn(MemoryPressure) + Send + Sync>;
+
+/// The backend and the memory behind each pool.
+struct DevSide<B: Backend> {
+    backend: B,
+    mems: Vec<PoolMem<B::Region>>,
+    validator: BatchValidator<'static>,
+}
+
+impl<B: Backend> Drop for DevSide<B> {
+    fn drop(&mut self) {
+        for m in &mut self.mems {
+            for r in m.regions.drain(..) {
+                // SAFETY: the regions were created by this backend, and no
+                // transfer is in flight: every move is owned by a guard that
+                // borrows the manager's shared state (which owns this) and
+                // waits for its fences before it ends.
+                unsafe { self.backend.destroy_region(r) };
+            }
+        }
+    }
+}
+
+/// The state handles and the manager share.
+struct Shared<B: ManagedBackend> {
+    config: ManagerConfig,
+    devices: Vec<Device>,
+    pools: PoolMap,
+    inner: Mutex<Inner>,
+    dev: Mutex<DevSide<B>>,
+    callback: Mutex<Option<SharedCallback>>,
+    policy: Arc<dyn CacheEvictionPolicy>,
+    epoch: Instant,
+}
+
+/// The manager: implements the seed's traits over any backend with
+/// quantization (`pagedkv_hal_host::HostBackend` for host memory).
+/// Dropping it (and every handle) frees every region it created.
+pub struct KvManager<B: ManagedBackend> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B: ManagedBackend> KvManager<B> {
+    /// Stats of every core pool: devices, then their compressed pools, then
+    /// the host tier.
+    pub fn pool_stats(&self) -> Vec<pagedkv_core::PoolStats> {
+        lock(&self.shared.inner)
+            .cache
+            .pools()
+            .iter()
+            .map(|p| p.stats())
+            .collect()
+    }
+
+    /// Keys indexed in every core pool (same order as `pool_stats`).
+    pub fn indexed_keys(&self) -> Vec<u32> {
+        lock(&self.shared.inner)
+            .cache
+            .pools()
+            .iter()
+            .map(|p| p.indexed_len())
+            .collect()
+    }
+
+    /// Checks the core's invariants (every block a move holds is a plan's).
+    pub fn check_invariants(&self) -> std::result::Result<(), pagedkv_core::Invariant> {
+        lock(&self.shared.inner).cache.check_invariants()
+    }
+
+    /// Blocks held, per pool (device pools first, then compressed, then host).
+    pub fn used_blocks(&self) -> Vec<u32> {
+        lock(&self.shared.inner)
+            .cache
+            .pools()
+            .iter()
+            .map(|p| p.used_len())
+            .collect()
+    }
+
+    fn notify_pressure(&self) {
+        let changed = {
+            let mut inner = lock(&self.shared.inner);
+            let (used, total) = self
+                .shared
+                .pools
+                .device_ids()
+                .filter_map(|p| inner.cache.pool(p).ok())
+                .fold((0u64, 0u64), |(u, t), p| {
+                    (u + u64::from(p.used_len()), t + u64::from(p.capacity()))
+                });
+            let util = if total == 0 {
+                0.0
+            } else {
+                used as f32 / total as f32
+            };
+            inner.pressure.update(util)
+        };
+        if let Some(level) = changed {
+            tracing::debug!(?level, "memory pressure changed");
+            let cb = lock(&self.shared.callback).clone();
+            if let Some(cb) = cb {
+                cb(level);
+            }
+        }
+    }
+
+    fn place(&self, inner: &Inner, st: &ReqState) -> crate::Result<Place> {
+        let info = inner.cache.info(st.seq)?;
+        let format = st.compressed.unwrap_or(QuantFormat::Int8PerHead);
+        Ok(self.shared.pools.place_of(info.pool, format))
+    }
+
+    fn stats_for(&self, inner: &Inner, devices: &[usize]) -> CacheManagerStats {
+        let bb = self.shared.config.layout.block_bytes().unwrap_or(0) as usize;
+        let mut s = CacheManagerStats {
+            active_caches: inner.reqs.len(),
+            allocation_count: inner.stats.allocations,
+            allocation_failures: inner.stats.failures,
+            device_hit_blocks: inner.stats.device_hits,
+            host_hit_blocks: inner.stats.host_hits,
+            query_blocks: inner.stats.queries,
+            swap_outs: inner.stats.swap_outs,
+            swap_ins: inner.stats.swap_ins,
+            ..CacheManagerStats::default()
+        };
+        for &d in devices {
+            if let Ok(p) = inner.cache.pool(self.shared.pools.device(d)) {
+                let st = p.stats();
+                s.total_blocks += p.capacity() as usize;
+                s.free_blocks += p.available() as usize;
+                s.total_memory_bytes += p.capacity() as usize * bb;
+                s.used_memory_bytes += p.used_len() as usize * bb;
+                s.eviction_count += st.evictions;
+            }
+        }
+        if s.query_blocks > 0 {
+            s.cache_hit_rate =
+                (s.device_hit_blocks + s.host_hit_blocks) as f32 / s.query_blocks as f32;
+        }
+        s
+    }
+}

@@ -1,0 +1,475 @@
+//! A request's life: allocate (with prefix reuse across tiers), append
+//! (copy-on-write as a two-phase plan), fork, free.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "token and block counts are checked against u32 before narrowing"
+)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use pagedkv_core::{BlockHash, CacheSalt, Prompt, SeqId};
+
+use super::handle::Handle;
+use super::preempt::Room;
+use super::transfer::CopyOp;
+use super::{Inner, KvManager, ManagedBackend, ReqState, lock, yield_now};
+use crate::error::{InvalidRequest, ManagerError, Result};
+use crate::traits::KvCacheHandle;
+use crate::types::{AllocationRequest, Device, RequestId};
+
+/// Yields allowed while another task finishes moving a request.
+const BUSY_YIELDS: u32 = 1000;
+
+/// How a request's prompt is matched, decided once per allocation.
+struct PromptPlan {
+    device: usize,
+    use_prefix: bool,
+    salt: Option<CacheSalt>,
+    /// Chained keys (only when the host tier needs them).
+    keys: Vec<BlockHash>,
+    len: u32,
+}
+
+fn too_long() -> ManagerError {
+    pagedkv_core::Error::LengthOverflow.into()
+}
+
+impl<B: ManagedBackend> KvManager<B> {
+    pub(super) fn check_request(&self, req: &AllocationRequest) -> Result<()> {
+        let l = &self.shared.config.layout;
+        for (what, got, want) in [
+            ("num_layers", req.num_layers, l.layers),
+            ("num_heads", req.num_heads, l.kv_heads),
+            ("head_dim", req.head_dim, l.head_size),
+        ] {
+            if got != want as usize {
+                return Err(InvalidRequest::Layout {
+                    what,
+                    got,
+                    want: want as usize,
+                }
+                .into());
+            }
+        }
+        if req.dtype != l.dtype {
+            return Err(InvalidRequest::DType {
+                got: req.dtype,
+                want: l.dtype,
+            }
+            .into());
+        }
+        if !req.prompt.is_empty() && req.prompt.len() != req.initial_tokens {
+            return Err(InvalidRequest::PromptLength {
+                prompt: req.prompt.len(),
+                initial: req.initial_tokens,
+            }
+            .into());
+        }
+        let max = self
+            .shared
+            .config
+            .max_sequence_length
+            .min(req.max_sequence_length);
+        if req.initial_tokens > max
+            || req.max_sequence_length > self.shared.config.max_sequence_length
+        {
+            return Err(InvalidRequest::TooLong {
+                tokens: req.initial_tokens.max(req.max_sequence_length),
+                max: self.shared.config.max_sequence_length,
+            }
+            .into());
+        }
+        if let Some(d) = req.device {
+            self.device_index(d)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn device_index(&self, d: Device) -> Result<usize> {
+        self.shared
+            .devices
+            .iter()
+            .position(|&x| x == d)
+            .ok_or(ManagerError::UnknownDevice(d))
+    }
+
+    pub(super) fn choose_device(
+        &self,
+        inner: &Inner,
+        req: &AllocationRequest,
+        blocks: u32,
+    ) -> Result<usize> {
+        if let Some(d) = req.device {
+            return self.device_index(d);
+        }
+        let pools = &self.shared.pools;
+        let pick = inner.preference.iter().copied().find(|&d| {
+            inner
+                .cache
+                .pool(pools.device(d))
+                .is_ok_and(|p| p.available() >= blocks)
+        });
+        Ok(pick.or(inner.preference.first().copied()).unwrap_or(0))
+    }
+
+    fn salt_for(&self, inner: &Inner, req: &AllocationRequest) -> Option<CacheSalt> {
+        let shared = inner
+            .prefix
+            .as_ref()
+            .is_none_or(|p| p.enable_cross_request_sharing);
+        match (req.cache_salt, shared) {
+            (Some(s), true) => Some(CacheSalt(s)),
+            (s, false) => Some(CacheSalt(
+                (u128::from(req.request_id.0) << 64) ^ s.unwrap_or(0) ^ 0x5a17,
+            )),
+            (None, true) => None,
+        }
+    }
+
+    /// The core prompt of `req` under plan `pp`.
+    fn prompt<'r>(
+        req: &'r AllocationRequest,
+        pp: &PromptPlan,
+        keys: &'r [BlockHash],
+    ) -> Prompt<'r> {
+        let prompt = if !pp.use_prefix {
+            Prompt::len(pp.len)
+        } else if !req.block_keys.is_empty() {
+            Prompt::keys(keys, pp.len)
+        } else {
+            Prompt::ids(&req.prompt)
+        };
+        Prompt {
+            salt: pp.salt,
+            ..prompt
+        }
+    }
+
+    fn plan_prompt(&self, req: &AllocationRequest, raw_keys: &[BlockHash]) -> Result<PromptPlan> {
+        let len = u32::try_from(req.initial_tokens).map_err(|_| too_long())?;
+        let blocks = len.div_ceil(self.shared.config.layout.tokens_per_block);
+        let inner = lock(&self.shared.inner);
+        if inner.reqs.contains_key(&req.request_id) {
+            return Err(ManagerError::DuplicateRequest(req.request_id));
+        }
+        let device = self.choose_device(&inner, req, blocks)?;
+        let long_enough = req.initial_tokens >= 1
+            && (req.prompt.len() == req.initial_tokens || !req.block_keys.is_empty());
+        let use_prefix = long_enough
+            && inner
+                .prefix
+                .as_ref()
+                .is_some_and(|p| req.initial_tokens >= p.min_prefix_length.max(1));
+        let mut pp = PromptPlan {
+            device,
+            use_prefix,
+            salt: self.salt_for(&inner, req),
+            keys: Vec::new(),
+            len,
+        };
+        if use_prefix && self.shared.pools.host().is_some() {
+            let prompt = Self::prompt(req, &pp, raw_keys);
+            let mut keys = Vec::new();
+            inner.cache.prompt_keys(&prompt, |k| keys.push(k))?;
+            pp.keys = keys;
+        }
+        Ok(pp)
+    }
+
+    pub(super) async fn allocate_inner(
+        &self,
+        req: &AllocationRequest,
+    ) -> Result<Arc<dyn KvCacheHandle>> {
+        self.check_request(req)?;
+        let raw_keys: Vec<BlockHash> = req.block_keys.iter().map(|&k| BlockHash(k)).collect();
+        let pp = self.plan_prompt(req, &raw_keys)?;
+        let device = pp.device;
+        let mut host_hits = 0;
+        if !pp.keys.is_empty() {
+            host_hits = self.promote(device, &pp.keys).await?;
+        }
+        let prompt = Self::prompt(req, &pp, &raw_keys);
+        let offload = self.shared.config.offload_evicted_prefixes && !pp.keys.is_empty();
+        let mut room = Room::on(device, None);
+        let res = loop {
+            if offload {
+                let blocks = pp.len.div_ceil(self.shared.config.layout.tokens_per_block);
+                if let Err(e) = self.offload_before(device, blocks, &pp.keys).await {
+                    break Err(e);
+                }
+            }
+            let r = self.allocate_once(req, &pp, &prompt, &raw_keys, host_hits);
+            match self.with_room(r, &mut room).await {
+                Ok(Some(h)) => break Ok(h),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        match res {
+            Ok(h) => {
+                self.shared
+                    .policy
+                    .record_access(req.request_id, Instant::now());
+                self.notify_pressure();
+                Ok(h)
+            }
+            Err(e) => {
+                lock(&self.shared.inner).stats.failures += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// One try of an allocation in the core, recorded as a request.
+    fn allocate_once(
+        &self,
+        req: &AllocationRequest,
+        pp: &PromptPlan,
+        prompt: &Prompt<'_>,
+        raw_keys: &[BlockHash],
+        host_hits: u64,
+    ) -> Result<Arc<dyn KvCacheHandle>> {
+        let mut guard = lock(&self.shared.inner);
+        let inner = &mut *guard;
+        let a = inner
+            .cache
+            .allocate(self.shared.pools.device(pp.device), prompt)?;
+        let handle = self.new_handle(req.request_id);
+        inner.reqs.insert(
+            req.request_id,
+            ReqState {
+                seq: a.seq,
+                priority: req.priority,
+                handle: Arc::downgrade(&handle),
+                device: pp.device,
+                compressed: None,
+                last_access: Instant::now(),
+            },
+        );
+        inner.stats.allocations += 1;
+        if pp.use_prefix {
+            let queried = if req.block_keys.is_empty() {
+                pp.len / self.shared.config.layout.tokens_per_block
+            } else {
+                raw_keys.len() as u32
+            };
+            inner.stats.queries += u64::from(queried);
+            let from_host = host_hits.min(u64::from(a.hit_blocks));
+            inner.stats.host_hits += from_host;
+            inner.stats.device_hits += u64::from(a.hit_blocks) - from_host;
+        }
+        Ok(handle)
+    }
+
+    /// Appends `n` tokens (ids when known) to a request on its device. A
+    /// shared or published partial last block is first copied by a
+    /// two-phase plan (its source stays held until the copy landed), then
+    /// the append writes in place, in the same critical section as the commit.
+    pub(super) async fn append(
+        &self,
+        id: RequestId,
+        n: usize,
+        tokens: Option<&[u32]>,
+    ) -> Result<()> {
+        self.ensure_on_device(id).await?;
+        let n = u32::try_from(n).map_err(|_| too_long())?;
+        let device = {
+            let inner = lock(&self.shared.inner);
+            let st = inner
+                .reqs
+                .get(&id)
+                .ok_or(ManagerError::UnknownRequest(id))?;
+            st.device
+        };
+        let mut room = Room::on(device, Some(id));
+        let res = loop {
+            let r = self.append_once(id, n, tokens).await;
+            match self.with_room(r, &mut room).await {
+                Ok(Some(())) => break Ok(()),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        match res {
+            Ok(()) => {
+                self.shared.policy.record_access(id, Instant::now());
+                self.notify_pressure();
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.shared.inner).stats.failures += 1;
+                Err(e)
+            }
+        }
+    }
+
+    async fn append_once(&self, id: RequestId, n: u32, tokens: Option<&[u32]>) -> Result<()> {
+        let core_append = |inner: &mut Inner, seq: SeqId| -> Result<()> {
+            match tokens {
+                Some(t) => inner.cache.append(seq, t)?,
+                None => inner.cache.append_len(seq, n)?,
+            };
+            Ok(())
+        };
+        for _ in 0..BUSY_YIELDS {
+            let (seq, pool, cow, new_blocks) = {
+                let mut guard = lock(&self.shared.inner);
+                let inner = &mut *guard;
+                let st = inner
+                    .reqs
+                    .get_mut(&id)
+                    .ok_or(ManagerError::UnknownRequest(id))?;
+                st.last_access = Instant::now();
+                let seq = st.seq;
+                let pool = inner.cache.info(seq)?.pool;
+                match inner.cache.append_needs(seq, n) {
+                    Err(pagedkv_core::Error::SequenceBusy(_)) => (seq, pool, None, 0),
+                    Err(e) => return Err(e.into()),
+                    Ok(needs) if needs.cow => (seq, pool, inner.cache.cow(seq)?, needs.new_blocks),
+                    Ok(_) => return core_append(inner, seq),
+                }
+            };
+            let Some(plan) = cow else {
+                // Another task is moving it: let that finish.
+                yield_now().await;
+                continue;
+            };
+            return self
+                .run_plan_then(plan, CopyOp::Copy, "copy-on-write", |inner, plan| {
+                    let available = inner.cache.pool(pool)?.available();
+                    if available < new_blocks {
+                        inner.cache.abort(plan)?;
+                        return Err(pagedkv_core::Error::OutOfBlocks {
+                            needed: new_blocks,
+                            available,
+                        }
+                        .into());
+                    }
+                    inner.cache.commit(plan)?;
+                    core_append(inner, seq)
+                })
+                .await;
+        }
+        Err(pagedkv_core::Error::SequenceBusy(self.seq_of(id)?).into())
+    }
+
+    fn seq_of(&self, id: RequestId) -> Result<SeqId> {
+        lock(&self.shared.inner)
+            .reqs
+            .get(&id)
+            .map(|s| s.seq)
+            .ok_or(ManagerError::UnknownRequest(id))
+    }
+
+    /// A new request `child` sharing every block of `parent` (parallel
+    /// sampling, beam search); the first write to a shared partial block
+    /// copies it.
+    pub async fn fork(
+        &self,
+        parent: RequestId,
+        child: RequestId,
+    ) -> Result<Arc<dyn KvCacheHandle>> {
+        self.ensure_on_device(parent).await?;
+        let mut inner = lock(&self.shared.inner);
+        if inner.reqs.contains_key(&child) {
+            return Err(ManagerError::DuplicateRequest(child));
+        }
+        let st = inner
+            .reqs
+            .get(&parent)
+            .ok_or(ManagerError::UnknownRequest(parent))?;
+        let (pseq, priority, device) = (st.seq, st.priority, st.device);
+        let seq = inner.cache.fork(pseq)?;
+        let handle = self.new_handle(child);
+        inner.reqs.insert(
+            child,
+            ReqState {
+                seq,
+                priority,
+                handle: Arc::downgrade(&handle),
+                device,
+                compressed: None,
+                last_access: Instant::now(),
+            },
+        );
+        drop(inner);
+        self.shared.policy.record_access(child, Instant::now());
+        Ok(handle)
+    }
+
+    pub(super) fn new_handle(&self, id: RequestId) -> Arc<Handle> {
+        Handle::new(id, Arc::clone(&self.shared) as _)
+    }
+
+    fn stamp_release(&self, inner: &mut Inner, seq: SeqId) {
+        let now = self.shared.epoch.elapsed().as_secs() as u32;
+        let Ok(info) = inner.cache.info(seq) else {
+            return;
+        };
+        let Some(d) = self.shared.pools.device_of(info.pool) else {
+            return;
+        };
+        let Inner {
+            cache, released_at, ..
+        } = inner;
+        let (Ok(table), Some(stamps)) = (cache.table(seq), released_at.get_mut(d)) else {
+            return;
+        };
+        for b in table.iter().skip(info.first_live as usize) {
+            if let Some(s) = stamps.get_mut(b.index()) {
+                *s = now;
+            }
+        }
+    }
+
+    pub(super) fn enforce_max_prefixes(&self, inner: &mut Inner) -> usize {
+        let Some(max) = inner.prefix.as_ref().map(|p| p.max_prefixes) else {
+            return 0;
+        };
+        let mut n = 0;
+        for pool in self.shared.pools.device_ids() {
+            while inner
+                .cache
+                .pool(pool)
+                .is_ok_and(|p| p.cached_len() as usize > max)
+            {
+                if !matches!(inner.cache.evict_one(pool), Ok(Some(_))) {
+                    break;
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub(super) async fn free_request(&self, id: RequestId) -> Result<()> {
+        // A pending move always ends (its fences complete or fail): wait for it.
+        loop {
+            {
+                let mut guard = lock(&self.shared.inner);
+                let inner = &mut *guard;
+                let seq = inner
+                    .reqs
+                    .get(&id)
+                    .ok_or(ManagerError::UnknownRequest(id))?
+                    .seq;
+                self.stamp_release(inner, seq);
+                match inner.cache.free(seq) {
+                    Ok(()) => {
+                        inner.reqs.remove(&id);
+                        self.enforce_max_prefixes(inner);
+                        drop(guard);
+                        self.shared.policy.forget(id);
+                        self.notify_pressure();
+                        return Ok(());
+                    }
+                    Err(pagedkv_core::Error::SequenceBusy(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // Another task is moving it: let that finish.
+            yield_now().await;
+        }
+    }
+}
