@@ -106,12 +106,13 @@ impl<H: BlockHasher> KvCache<'_, H> {
         }
         let (hit_row, fresh_row) = row.split_at_mut(hits as usize);
         let fresh = nblocks - hits;
-        if fresh > p.available() {
+        let available = p.available();
+        if fresh > available {
             p.unpin_hits(hit_row);
             p.stats_mut().allocation_failures += 1;
             return Err(Error::OutOfBlocks {
                 needed: fresh,
-                available: p.available(),
+                available,
             });
         }
         // Pass 2: hold the hits, allocate the rest, register new full blocks.

@@ -52,6 +52,8 @@ pub struct Knobs {
     pub fail_poll: AtomicU64,
     /// Each fence reports "not done" this many times first.
     pub slow_polls: AtomicU64,
+    /// Regions created and not yet destroyed.
+    pub live_regions: AtomicU64,
 }
 
 impl Knobs {
@@ -111,12 +113,15 @@ impl Backend for Faulty {
     type Error = HostError;
 
     fn create_region(&mut self, desc: &RegionDesc) -> Result<HostRegion, HostError> {
-        self.inner.create_region(desc)
+        let r = self.inner.create_region(desc)?;
+        self.knobs.live_regions.fetch_add(1, Ordering::SeqCst);
+        Ok(r)
     }
     fn region_desc(&self, region: &HostRegion) -> RegionDesc {
         self.inner.region_desc(region)
     }
     unsafe fn destroy_region(&mut self, region: HostRegion) {
+        self.knobs.live_regions.fetch_sub(1, Ordering::SeqCst);
         // SAFETY: forwarded contract.
         unsafe { self.inner.destroy_region(region) }
     }
