@@ -234,7 +234,7 @@ fn cow_plans_hold_their_source_until_commit() {
     c.commit(plan).unwrap();
     assert_eq!(c.table(b).unwrap()[1], dst);
     assert_eq!(c.pool(GPU).unwrap().ref_count(src), Ok(0));
-    assert_eq!(c.append_needs(b, 1).unwrap().cow, false, "now private");
+    assert!(!c.append_needs(b, 1).unwrap().cow, "now private");
     c.append(b, &[1]).unwrap();
     c.check_invariants().unwrap();
     // The one-call append copies too, releasing its source at once.
