@@ -12,22 +12,20 @@
     reason = "a simulator on 64-bit hosts: trace token and block counts fit in u32"
 )]
 
-mod plot;
-mod sim;
-mod workload;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pagedkv_cli::check::{Budget, Need};
+use pagedkv_cli::plot;
+use pagedkv_cli::sim::{self, CostModel, OfferedLoad, Reference, RunResult, SimConfig};
+use pagedkv_cli::workload::{self, Limits};
 use pagedkv_core::{BlockOrder, DType, KvLayout};
 use pagedkv_hal_host::{HostBackend, MetadataBackend};
 use pagedkv_manager::{KvManager, ManagedBackend};
 use serde::Serialize;
-
-use crate::sim::{CostModel, Reference, RunResult, SimConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -87,6 +85,7 @@ enum Format {
 }
 
 #[derive(Parser, Debug)]
+#[command(allow_negative_numbers = true)]
 struct Simulate {
     /// A trace file (`.jsonl`: Mooncake, `.csv`: Azure). Without it, the
     /// built-in multi-turn chat workload.
@@ -133,6 +132,10 @@ struct Simulate {
     /// Seed of the built-in workload.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Memory the run may take, in GiB (default: 80% of what the machine
+    /// has available); a run estimated to need more is refused up front.
+    #[arg(long)]
+    max_memory: Option<f64>,
     /// Conversations of the built-in workload.
     #[arg(long, default_value_t = 800)]
     conversations: u32,
@@ -177,11 +180,24 @@ struct Report {
     belady: Reference,
     runs: Vec<RunResult>,
     cost_model: Option<CostModel>,
+    offered_load: Option<OfferedLoad>,
     wall_seconds: f64,
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line: clap's message without its usage block.
+            let text = e.render().to_string();
+            eprintln!(
+                "{}",
+                text.lines().next().unwrap_or("error: invalid arguments")
+            );
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
     let Command::Simulate(args) = cli.command;
     if let Err(e) = simulate(args) {
         eprintln!("error: {e:#}");
@@ -189,9 +205,23 @@ fn main() {
     }
 }
 
-fn load(args: &Simulate) -> Result<workload::Workload> {
+fn load(args: &Simulate, budget: &Budget) -> Result<workload::Workload> {
+    let limits = Limits {
+        max_keys: budget.max_keys(),
+    };
     let Some(path) = &args.trace else {
         let bs = args.tokens_per_block.unwrap_or(16);
+        if args.conversations == 0 {
+            bail!("--conversations must be at least 1");
+        }
+        let bytes = u64::from(args.conversations) * workload::BYTES_PER_CONVERSATION;
+        if bytes > budget.bytes {
+            bail!(
+                "{} conversations take up to {:.1} GiB: more than the memory limit (--max-memory)",
+                args.conversations,
+                bytes as f64 / f64::from(1u32 << 30)
+            );
+        }
         return workload::generate(args.seed, args.conversations, bs, args.tenants);
     };
     let format = match (args.format, path.extension().and_then(|e| e.to_str())) {
@@ -204,11 +234,12 @@ fn load(args: &Simulate) -> Result<workload::Workload> {
         ),
     };
     match format {
-        Format::Mooncake => workload::mooncake(path, args.tokens_per_block.unwrap_or(512)),
+        Format::Mooncake => workload::mooncake(path, args.tokens_per_block.unwrap_or(512), &limits),
         Format::Azure => workload::azure(
             path,
             args.tokens_per_block.unwrap_or(16),
             args.system_prompt_tokens,
+            &limits,
         ),
     }
 }
@@ -220,19 +251,32 @@ fn capacity(args: &Simulate, w: &workload::Workload, layout: &KvLayout) -> Resul
         if !g.is_finite() || g <= 0.0 {
             bail!("--capacity-gib must be positive");
         }
-        (g * (1u64 << 30) as f64 / layout.block_bytes()? as f64) as u64
+        (g * (1u64 << 30) as f64 / layout.block_bytes()? as f64).min(u64::MAX as f64) as u64
     } else {
         let f = args.capacity_fraction.unwrap_or(0.1);
         if !f.is_finite() || f <= 0.0 {
             bail!("--capacity-fraction must be positive");
         }
-        (w.unique_blocks() as f64 * f).round() as u64
+        if f > MAX_FRACTION {
+            bail!(
+                "--capacity-fraction {f}: at most {MAX_FRACTION} (a device that large holds the whole workload)"
+            );
+        }
+        (w.unique_blocks() as f64 * f).round().min(u64::MAX as f64) as u64
     };
     if blocks == 0 {
         bail!("the device capacity is zero blocks: give a larger --capacity-*");
     }
+    let max = u64::from(pagedkv_core::MAX_BLOCKS);
+    if blocks > max {
+        bail!("a device of {blocks} blocks: at most {max} are supported");
+    }
     u32::try_from(blocks).context("device capacity above 2^32 blocks")
 }
+
+/// Largest `--capacity-fraction`: beyond, the device holds every block of
+/// the workload many times over.
+const MAX_FRACTION: f64 = 10.0;
 
 fn progress_bar(len: u64) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
@@ -248,11 +292,7 @@ fn run_all<B: ManagedBackend>(
     w: &workload::Workload,
     cfg: &SimConfig,
     args: &Simulate,
-) -> Result<Vec<RunResult>>
-where
-    B::Region: Send + Sync,
-    B::Fence: Send,
-{
+) -> Result<Vec<RunResult>> {
     let mut runs = Vec::new();
     let started = Instant::now();
     let preempts: Vec<String> = if cfg.timed {
@@ -290,12 +330,33 @@ where
 
 fn simulate(args: Simulate) -> Result<()> {
     let started = Instant::now();
-    let w = load(&args)?;
+    let budget = Budget::new(args.max_memory)?;
+    let cost = CostModel {
+        prefill_tps: args.prefill_tps,
+        decode_step_s: args.decode_step_ms / 1000.0,
+        max_running: args.max_running,
+        ..CostModel::default()
+    };
+    cost.check()?;
+    if args.tenants == 0 {
+        bail!("--tenants must be at least 1");
+    }
+    if args.tokens_per_block == Some(0) {
+        bail!("--tokens-per-block must be at least 1");
+    }
+    let w = load(&args, &budget)?;
     let bs = w.tokens_per_block;
     let layout = args.model.layout(bs);
+    layout.validate()?;
     let device = capacity(&args, &w, &layout)?;
     let timed = !args.sequential;
     let host = args.host_blocks.unwrap_or(if timed { device } else { 0 });
+    if u64::from(host) > u64::from(pagedkv_core::MAX_BLOCKS) {
+        bail!(
+            "a host tier of {host} blocks: at most {} are supported",
+            pagedkv_core::MAX_BLOCKS
+        );
+    }
     for p in &args.policy {
         if !matches!(p.as_str(), "lru" | "belady") {
             bail!("unknown block eviction policy `{p}` (lru, belady)");
@@ -309,27 +370,23 @@ fn simulate(args: Simulate) -> Result<()> {
         host_blocks: host,
         layout,
         timed,
-        tenants: args.tenants.max(1),
+        tenants: args.tenants,
         offload: args.offload,
-        cost: CostModel {
-            prefill_tps: args.prefill_tps,
-            decode_step_s: args.decode_step_ms / 1000.0,
-            max_running: args.max_running.max(1),
-            ..CostModel::default()
-        },
+        cost,
     };
-    let ideal = sim::ideal(&w);
-    let belady = sim::belady(&w, device);
+    let seq_blocks = sim::max_sequence_tokens(&w, &cfg).div_ceil(u64::from(bs));
+    let need = Need::replay(
+        (w.block_refs(), w.unique_blocks()),
+        (device, host),
+        (sim::max_sequences(&cfg) as u64, seq_blocks),
+        args.with_bytes.then_some(layout.block_bytes()?),
+    );
+    budget.check(&need)?;
+    let ideal = sim::ideal(&w, timed);
+    let belady = sim::belady(&w, device, timed);
     let mut runs = Vec::new();
     if args.policy.iter().any(|p| p == "lru") {
         runs = if args.with_bytes {
-            let bytes = layout.block_bytes()? * (u64::from(device) + u64::from(host));
-            if bytes > 16 << 30 {
-                bail!(
-                    "--with-bytes needs {} GiB for these pools: use smaller pools or metadata mode",
-                    bytes >> 30
-                );
-            }
             run_all(&HostBackend::new, &w, &cfg, &args)?
         } else {
             run_all(&MetadataBackend::new, &w, &cfg, &args)?
@@ -365,6 +422,7 @@ fn simulate(args: Simulate) -> Result<()> {
         belady,
         runs,
         cost_model: timed.then_some(cfg.cost),
+        offered_load: timed.then(|| sim::offered_load(&w, &cfg.cost)),
         wall_seconds: started.elapsed().as_secs_f64(),
     };
     if let Some(p) = &args.plot {
@@ -403,6 +461,21 @@ fn print_table(r: &Report) {
         r.belady.block_hit_ratio,
         r.belady.token_hit_ratio
     );
+    if let (Some(load), Some(cost)) = (r.offered_load, r.cost_model) {
+        println!(
+            "load       prefill {:.0} uncached tokens/s (server {:.0}), decode {:.0} tokens/s: {:.0}% of the server's compute",
+            load.prefill_tps,
+            cost.prefill_tps,
+            load.decode_tps,
+            100.0 * load.utilization
+        );
+        if load.compute_bound() {
+            println!(
+                "warning    the workload offers more than the simulated server can compute: queueing delay \
+                 measures compute, not memory (lower the load, or raise --prefill-tps)"
+            );
+        }
+    }
     println!();
     let mut rows: Vec<(&str, Vec<String>)> = vec![
         ("policy / preempt", vec![]),
@@ -439,7 +512,7 @@ fn print_table(r: &Report) {
             run.evictions.to_string(),
             format!("{} / {}", run.swap_outs, run.swap_ins),
             run.recomputes.to_string(),
-            run.rejected.to_string(),
+            format!("{} ({} blocks)", run.rejected, run.rejected_blocks),
             format!("{:.2} / {:.2}", run.peak_utilization, run.mean_utilization),
             format!(
                 "{:.2}s / {:.2}s",
@@ -454,6 +527,16 @@ fn print_table(r: &Report) {
     for (name, vals) in rows {
         let cells: Vec<String> = vals.iter().map(|v| format!("{v:>20}")).collect();
         println!("{name:<24}{}", cells.join(""));
+    }
+    if r.runs
+        .iter()
+        .any(|run| run.fraction_of_optimum > 1.0 + 1e-9)
+    {
+        println!(
+            "\nnote: above 100% of the optimum, a run also hit the host tier or ran requests \
+             concurrently (sharing blocks in flight), which the reference (device only, one \
+             request at a time) does not."
+        );
     }
     println!("\n({:.2} s wall)", r.wall_seconds);
 }

@@ -100,7 +100,7 @@ where
 }
 
 /// Writes the plot; the format follows the extension.
-pub(crate) fn write(path: &Path, runs: &[RunResult], x_label: &str) -> Result<()> {
+pub fn write(path: &Path, runs: &[RunResult], x_label: &str) -> Result<()> {
     if runs.iter().all(|r| r.samples.is_empty()) {
         bail!("nothing to plot");
     }

@@ -2,11 +2,20 @@
 //! offline references (the ideal hit ratio of an infinite cache, and
 //! Belady's optimum for a cache of the same size).
 //!
+//! # What a run counts
+//!
+//! Every ratio of a report has one denominator: all the workload's block
+//! references (its requests' keys), the same the references use. A request
+//! a real server would reject (its prompt, or in timed mode its prompt and
+//! output, need more blocks than the device has) is rejected before it
+//! reaches the manager: its blocks count as misses, and the rejections are
+//! reported on their own line.
+//!
 //! # Timed mode: the cost model
 //!
 //! A simulated engine runs steps on a virtual clock. Each step it admits
 //! waiting requests (first come, first served) while the device keeps a
-//! 1% watermark free, up to `max_running` sequences and
+//! small watermark free, up to `max_running` sequences and
 //! `prefill_tokens_per_step` uncached prompt tokens; then every running
 //! sequence decodes one token (`extend`). A step lasts
 //! `uncached_prefill_tokens / prefill_tps + decode_step_s +
@@ -15,9 +24,10 @@
 //! eviction policy to the host tier; a preempted sequence resumes (swapped
 //! back in) once its blocks fit again. A sequence that cannot be kept at all
 //! is dropped and recomputed later (counted). Queueing delay is admission
-//! time minus arrival time.
+//! time minus arrival time. A run that stops making progress ends with an
+//! error: it never loops.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -26,18 +36,19 @@ use anyhow::{Result, bail};
 use pagedkv_core::KvLayout;
 use pagedkv_manager::{
     AdvancedKvCacheManager, AllocationRequest, CacheEvictionPolicy, CostAwareEvictionPolicy,
-    Device, KvCacheManager, KvManager, LfuEvictionPolicy, LruEvictionPolicy, ManagedBackend,
-    ManagerConfig, ManagerError, MultiDeviceCacheManager, PrefixCacheConfig, Priority,
-    PriorityEvictionPolicy, RequestId,
+    Device, InvalidRequest, KvCacheManager, KvManager, LfuEvictionPolicy, LruEvictionPolicy,
+    ManagedBackend, ManagerConfig, ManagerError, MultiDeviceCacheManager, PrefixCacheConfig,
+    Priority, PriorityEvictionPolicy, RequestId,
 };
 use serde::Serialize;
 
+use crate::keys::{KeyMap, KeySet};
 use crate::workload::{Request, Workload};
 
 /// Runs a future of the manager to completion. The manager's futures never
 /// wait on anything external (they yield only to let other tasks run), so
 /// polling in a loop is a complete executor for a single-threaded replay.
-pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+pub fn block_on<F: Future>(f: F) -> F::Output {
     let mut f = std::pin::pin!(f);
     let mut cx = Context::from_waker(Waker::noop());
     loop {
@@ -49,17 +60,17 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
 
 /// Timed-mode engine parameters (see the module docs).
 #[derive(Clone, Copy, Debug, Serialize)]
-pub(crate) struct CostModel {
+pub struct CostModel {
     /// Uncached prompt tokens computed per second.
-    pub(crate) prefill_tps: f64,
+    pub prefill_tps: f64,
     /// Fixed time of a decode step.
-    pub(crate) decode_step_s: f64,
+    pub decode_step_s: f64,
     /// Added time per running sequence in a decode step.
-    pub(crate) decode_s_per_seq: f64,
+    pub decode_s_per_seq: f64,
     /// Most sequences running at once.
-    pub(crate) max_running: usize,
+    pub max_running: usize,
     /// Most uncached prompt tokens admitted per step.
-    pub(crate) prefill_tokens_per_step: u64,
+    pub prefill_tokens_per_step: u64,
 }
 
 impl Default for CostModel {
@@ -74,129 +85,199 @@ impl Default for CostModel {
     }
 }
 
+impl CostModel {
+    /// Refuses values the model cannot run with (zero, negative, not finite).
+    pub fn check(&self) -> Result<()> {
+        if !(self.prefill_tps.is_finite() && self.prefill_tps > 0.0) {
+            bail!(
+                "--prefill-tps must be a positive number (got {})",
+                self.prefill_tps
+            );
+        }
+        if !(self.decode_step_s.is_finite() && self.decode_step_s > 0.0) {
+            bail!(
+                "--decode-step-ms must be a positive number (got {})",
+                self.decode_step_s * 1000.0
+            );
+        }
+        if self.max_running == 0 {
+            bail!("--max-running must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Decode tokens per second with `max_running` sequences in a batch.
+    fn decode_capacity(&self) -> f64 {
+        let n = self.max_running as f64;
+        n / (self.decode_step_s + self.decode_s_per_seq * n)
+    }
+}
+
 /// What a replay needs beyond the workload.
 #[derive(Clone, Debug)]
-pub(crate) struct SimConfig {
+pub struct SimConfig {
     /// Device blocks.
-    pub(crate) capacity_blocks: u32,
+    pub capacity_blocks: u32,
     /// Host tier blocks.
-    pub(crate) host_blocks: u32,
+    pub host_blocks: u32,
     /// Model KV layout (its `tokens_per_block` is the block size).
-    pub(crate) layout: KvLayout,
+    pub layout: KvLayout,
     /// Timed (arrivals, decode, pressure) or sequential.
-    pub(crate) timed: bool,
+    pub timed: bool,
     /// Tenants with their own cache salts (1: all share).
-    pub(crate) tenants: u32,
+    pub tenants: u32,
     /// Offload cached blocks evicted from the device to the host tier.
-    pub(crate) offload: bool,
+    pub offload: bool,
     /// Engine cost model (timed mode).
-    pub(crate) cost: CostModel,
+    pub cost: CostModel,
+}
+
+impl SimConfig {
+    /// Whether a real server takes `r` at all: its prompt (and in timed
+    /// mode its output) fits the device.
+    pub fn fits(&self, r: &Request, tokens_per_block: u32) -> bool {
+        let tokens = r.prompt_len(tokens_per_block)
+            + if self.timed {
+                u64::from(r.output_tokens)
+            } else {
+                0
+            };
+        tokens.div_ceil(u64::from(tokens_per_block)) <= u64::from(self.capacity_blocks)
+    }
 }
 
 /// One point of the time series.
 #[derive(Clone, Copy, Debug, Serialize)]
-pub(crate) struct Sample {
+pub struct Sample {
     /// Seconds (timed) or request index (sequential).
-    pub(crate) x: f64,
+    pub x: f64,
     /// Device blocks held / device blocks.
-    pub(crate) utilization: f64,
+    pub utilization: f64,
     /// Cumulative block hit ratio.
-    pub(crate) hit_ratio: f64,
+    pub hit_ratio: f64,
 }
 
 /// The outcome of one replay.
 #[derive(Clone, Debug, Default, Serialize)]
-pub(crate) struct RunResult {
+pub struct RunResult {
     /// Block eviction policy of the prefix cache.
-    pub(crate) policy: String,
+    pub policy: String,
     /// Sequence eviction (preemption) policy.
-    pub(crate) preempt: String,
-    /// Prompt blocks looked up.
-    pub(crate) query_blocks: u64,
+    pub preempt: String,
+    /// Prompt blocks of every request (the denominator of every ratio).
+    pub query_blocks: u64,
     /// Prompt blocks served from the device.
-    pub(crate) device_hit_blocks: u64,
+    pub device_hit_blocks: u64,
     /// Prompt blocks brought back from the host tier.
-    pub(crate) host_hit_blocks: u64,
-    /// Hit blocks / looked-up blocks.
-    pub(crate) block_hit_ratio: f64,
+    pub host_hit_blocks: u64,
+    /// Hit blocks / `query_blocks`.
+    pub block_hit_ratio: f64,
     /// Prompt tokens served from a cache / prompt tokens.
-    pub(crate) token_hit_ratio: f64,
+    pub token_hit_ratio: f64,
     /// `block_hit_ratio` / Belady's.
-    pub(crate) fraction_of_optimum: f64,
+    pub fraction_of_optimum: f64,
     /// Cached blocks evicted.
-    pub(crate) evictions: u64,
+    pub evictions: u64,
     /// Sequences swapped to the host tier.
-    pub(crate) swap_outs: u64,
+    pub swap_outs: u64,
     /// Sequences swapped back.
-    pub(crate) swap_ins: u64,
+    pub swap_ins: u64,
     /// Preemptions that dropped a sequence for recomputation.
-    pub(crate) recomputes: u64,
-    /// Requests the cache could not take (larger than the device).
-    pub(crate) rejected: u64,
+    pub recomputes: u64,
+    /// Requests a real server would reject (larger than the device).
+    pub rejected: u64,
+    /// Their prompt blocks (counted as misses).
+    pub rejected_blocks: u64,
     /// Highest device utilization seen.
-    pub(crate) peak_utilization: f64,
+    pub peak_utilization: f64,
     /// Mean device utilization over samples.
-    pub(crate) mean_utilization: f64,
+    pub mean_utilization: f64,
     /// Queueing delay, median (timed mode), seconds.
-    pub(crate) queueing_delay_p50_s: f64,
+    pub queueing_delay_p50_s: f64,
     /// Queueing delay, 99th percentile (timed mode), seconds.
-    pub(crate) queueing_delay_p99_s: f64,
+    pub queueing_delay_p99_s: f64,
     /// Simulated time (timed mode), seconds.
-    pub(crate) simulated_s: f64,
+    pub simulated_s: f64,
     /// Requests still allocated after the replay (must be 0).
-    pub(crate) leaked_sequences: u64,
+    pub leaked_sequences: u64,
     /// Device blocks still held after the replay (must be 0).
-    pub(crate) blocks_in_use_at_end: u64,
+    pub blocks_in_use_at_end: u64,
     /// Device blocks.
-    pub(crate) blocks_total: u64,
+    pub blocks_total: u64,
     /// Device blocks free or cached after the replay (= total when nothing leaked).
-    pub(crate) blocks_free_at_end: u64,
+    pub blocks_free_at_end: u64,
     /// Time series (at most 2,000 points).
-    pub(crate) samples: Vec<Sample>,
+    pub samples: Vec<Sample>,
 }
 
 /// Hit ratios of an offline reference.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
-pub(crate) struct Reference {
+pub struct Reference {
     /// Hit blocks / looked-up blocks.
-    pub(crate) block_hit_ratio: f64,
+    pub block_hit_ratio: f64,
     /// Hit tokens / prompt tokens.
-    pub(crate) token_hit_ratio: f64,
+    pub token_hit_ratio: f64,
 }
 
-/// Hashing for maps keyed by block keys, which are uniform 128-bit hashes
-/// already: their low 64 bits are the hash.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct KeyHasher(u64);
+/// The load a timed run offers against the simulated server's compute,
+/// with an ideal prefix cache (so memory cannot be what it lacks).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct OfferedLoad {
+    /// Uncached prompt tokens per second of the workload.
+    pub prefill_tps: f64,
+    /// Output tokens per second of the workload.
+    pub decode_tps: f64,
+    /// Fraction of the server's time these take (above 1: it cannot keep up).
+    pub utilization: f64,
+}
 
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes.iter().take(8) {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
+impl OfferedLoad {
+    /// Whether queueing, not memory, will dominate the figures.
+    pub fn compute_bound(&self) -> bool {
+        self.utilization > 0.9
     }
 }
 
-type KeyBuild = std::hash::BuildHasherDefault<KeyHasher>;
-pub(crate) type KeyMap<V> = HashMap<u128, V, KeyBuild>;
-pub(crate) type KeySet = HashSet<u128, KeyBuild>;
+/// The blocks a request leaves in the cache: its prompt's, and in timed mode
+/// (`outputs`) the blocks its decoding fills, when their keys are known.
+fn stored(r: &Request, outputs: bool) -> impl Iterator<Item = &u128> {
+    r.keys
+        .iter()
+        .chain(r.output_keys.iter().filter(move |_| outputs))
+}
+
+/// The offered load of `w` on a server of cost model `cost`.
+pub fn offered_load(w: &Workload, cost: &CostModel) -> OfferedLoad {
+    let (first, last) = match (w.requests.first(), w.requests.last()) {
+        (Some(a), Some(b)) => (a.arrival_s, b.arrival_s),
+        _ => return OfferedLoad::default(),
+    };
+    let span = (last - first).max(1.0);
+    let bs = w.tokens_per_block;
+    let mut seen = KeySet::default();
+    let (mut prefill, mut decode) = (0u64, 0u64);
+    for r in &w.requests {
+        let h = r.keys.iter().take_while(|k| seen.contains(k)).count() as u64;
+        prefill += r.prompt_len(bs) - hit_tokens(r, h, bs);
+        decode += u64::from(r.output_tokens);
+        seen.extend(stored(r, true).copied());
+    }
+    let (p, d) = (prefill as f64 / span, decode as f64 / span);
+    OfferedLoad {
+        prefill_tps: p,
+        decode_tps: d,
+        utilization: p / cost.prefill_tps + d / cost.decode_capacity(),
+    }
+}
 
 fn hit_tokens(r: &Request, hit_blocks: u64, bs: u32) -> u64 {
-    (hit_blocks * u64::from(bs)).min(u64::from(r.prompt_tokens.max(r.keys.len() as u32 * bs)))
+    (hit_blocks * u64::from(bs)).min(r.prompt_len(bs))
 }
 
-fn prompt_tokens_of(r: &Request, bs: u32) -> u64 {
-    u64::from(r.prompt_tokens.max(r.keys.len() as u32 * bs))
-}
-
-/// The infinite cache: every block ever seen stays; stop at the first miss.
-pub(crate) fn ideal(w: &Workload) -> Reference {
+/// The infinite cache: every block ever stored stays; a prompt hits up to
+/// its first miss. With `outputs` (timed mode), requests store the blocks
+/// their decoding fills too.
+pub fn ideal(w: &Workload, outputs: bool) -> Reference {
     let mut seen = KeySet::default();
     let (mut hits, mut refs, mut ht, mut qt) = (0u64, 0u64, 0u64, 0u64);
     for r in &w.requests {
@@ -204,8 +285,8 @@ pub(crate) fn ideal(w: &Workload) -> Reference {
         hits += h;
         refs += r.keys.len() as u64;
         ht += hit_tokens(r, h, w.tokens_per_block);
-        qt += prompt_tokens_of(r, w.tokens_per_block);
-        seen.extend(r.keys.iter().copied());
+        qt += r.prompt_len(w.tokens_per_block);
+        seen.extend(stored(r, outputs).copied());
     }
     ratio(hits, refs, ht, qt)
 }
@@ -223,17 +304,15 @@ fn ratio(hits: u64, refs: u64, ht: u64, qt: u64) -> Reference {
 
 /// Belady's offline optimum for `capacity` blocks, requests one at a time,
 /// the in-flight request's blocks pinned: on a miss, evict the cached block
-/// whose next use is farthest in the future.
-pub(crate) fn belady(w: &Workload, capacity: u32) -> Reference {
+/// whose next use is farthest in the future. `outputs` as for [`ideal`].
+pub fn belady(w: &Workload, capacity: u32, outputs: bool) -> Reference {
     let n = w.requests.len();
     const NEVER: usize = usize::MAX;
-    // next[i][k]: the next request after i that uses key k of request i.
+    // next[i][k]: the next request after i that looks up stored key k of request i.
     let mut next: Vec<Vec<usize>> = vec![Vec::new(); n];
     let mut last: KeyMap<usize> = KeyMap::default();
     for i in (0..n).rev() {
-        next[i] = w.requests[i]
-            .keys
-            .iter()
+        next[i] = stored(&w.requests[i], outputs)
             .map(|k| last.get(k).copied().unwrap_or(NEVER))
             .collect();
         for &k in &w.requests[i].keys {
@@ -252,15 +331,16 @@ pub(crate) fn belady(w: &Workload, capacity: u32) -> Reference {
         hits += h;
         refs += r.keys.len() as u64;
         ht += hit_tokens(r, h, w.tokens_per_block);
-        qt += prompt_tokens_of(r, w.tokens_per_block);
+        qt += r.prompt_len(w.tokens_per_block);
         // Pin the request's blocks (as many as fit).
-        let keep = r.keys.len().min(cap);
-        for k in &r.keys[..keep] {
+        let blocks: Vec<u128> = stored(r, outputs).copied().collect();
+        let keep = blocks.len().min(cap);
+        for k in &blocks[..keep] {
             if let Some(&(nu, d)) = cached.get(k) {
                 order.remove(&(nu, d, *k));
             }
         }
-        for k in &r.keys[..keep] {
+        for k in &blocks[..keep] {
             if cached.contains_key(k) {
                 continue;
             }
@@ -274,7 +354,7 @@ pub(crate) fn belady(w: &Workload, capacity: u32) -> Reference {
             cached.insert(*k, (NEVER, 0));
         }
         // Unpin with their next uses.
-        for (d, (k, &nu)) in r.keys[..keep].iter().zip(&next[i]).enumerate() {
+        for (d, (k, &nu)) in blocks[..keep].iter().zip(&next[i]).enumerate() {
             if let Some(v) = cached.get_mut(k) {
                 *v = (nu, d);
                 order.insert((nu, d, *k));
@@ -285,7 +365,7 @@ pub(crate) fn belady(w: &Workload, capacity: u32) -> Reference {
 }
 
 /// A sequence eviction policy by name.
-pub(crate) fn preempt_policy(name: &str) -> Result<Arc<dyn CacheEvictionPolicy>> {
+pub fn preempt_policy(name: &str) -> Result<Arc<dyn CacheEvictionPolicy>> {
     Ok(match name {
         "lru" => Arc::new(LruEvictionPolicy::new()),
         "lfu" => Arc::new(LfuEvictionPolicy::new()),
@@ -295,20 +375,33 @@ pub(crate) fn preempt_policy(name: &str) -> Result<Arc<dyn CacheEvictionPolicy>>
     })
 }
 
-/// The manager's configuration for a replay.
-pub(crate) fn manager_config(w: &Workload, cfg: &SimConfig) -> ManagerConfig {
+/// Sequences the manager holds at once in a replay.
+pub fn max_sequences(cfg: &SimConfig) -> usize {
+    cfg.cost.max_running + 64
+}
+
+/// The longest sequence the manager is sized for: the longest request that
+/// fits the device (longer ones are rejected before the manager).
+pub fn max_sequence_tokens(w: &Workload, cfg: &SimConfig) -> u64 {
+    let bs = w.tokens_per_block;
     let longest = w
         .requests
         .iter()
-        .map(|r| prompt_tokens_of(r, w.tokens_per_block) as usize + r.output_tokens as usize)
+        .filter(|r| cfg.fits(r, bs))
+        .map(|r| r.prompt_len(bs) + u64::from(r.output_tokens))
         .max()
         .unwrap_or(1);
+    (longest + 16).min(u64::from(cfg.capacity_blocks) * u64::from(bs))
+}
+
+/// The manager's configuration for a replay.
+pub fn manager_config(w: &Workload, cfg: &SimConfig) -> ManagerConfig {
     let mut c = ManagerConfig::new(cfg.layout, cfg.capacity_blocks as usize);
     c.host_blocks = cfg.host_blocks as usize;
     c.prefix_cache_config = Some(PrefixCacheConfig::default());
     c.offload_evicted_prefixes = cfg.offload && cfg.host_blocks > 0;
-    c.max_sequence_length = longest + 16;
-    c.max_sequences = cfg.cost.max_running + 64;
+    c.max_sequence_length = max_sequence_tokens(w, cfg) as usize;
+    c.max_sequences = max_sequences(cfg);
     c.hash_key = Some(*b"pagedkv-simulate");
     c.target_devices = vec![Device::Gpu(0)];
     c
@@ -316,13 +409,14 @@ pub(crate) fn manager_config(w: &Workload, cfg: &SimConfig) -> ManagerConfig {
 
 fn request_for(r: &Request, id: u64, cfg: &SimConfig, bs: u32) -> AllocationRequest {
     let l = &cfg.layout;
-    let prompt_len = prompt_tokens_of(r, bs) as usize;
+    let prompt_len = r.prompt_len(bs) as usize;
     let mut a = AllocationRequest::for_prompt(
         RequestId(id),
         Vec::new(),
         prompt_len + r.output_tokens as usize + 16,
         l,
     );
+    a.max_sequence_length = a.max_sequence_length.min(max_sequence_tokens_of(cfg, bs));
     a.initial_tokens = prompt_len;
     match &r.tokens {
         Some(t) => a.prompt = t.clone(),
@@ -339,11 +433,25 @@ fn request_for(r: &Request, id: u64, cfg: &SimConfig, bs: u32) -> AllocationRequ
     a
 }
 
-fn utilization<B: ManagedBackend>(m: &KvManager<B>) -> f64
-where
-    B::Region: Send + Sync,
-    B::Fence: Send,
-{
+fn max_sequence_tokens_of(cfg: &SimConfig, bs: u32) -> usize {
+    (u64::from(cfg.capacity_blocks) * u64::from(bs)) as usize
+}
+
+/// Whether a real server would reject the request this error answers:
+/// it can never fit (longer than the device or the sequence limit), or
+/// there is no room for it even with nothing else running. Anything else
+/// is a failure of the run.
+fn rejected(e: &ManagerError, alone: bool) -> bool {
+    use pagedkv_core::Error as Core;
+    match e {
+        ManagerError::Core(Core::LargerThanPool { .. } | Core::SequenceTooLong { .. }) => true,
+        ManagerError::InvalidRequest(InvalidRequest::TooLong { .. }) => true,
+        ManagerError::OutOfMemory { .. } | ManagerError::Core(Core::OutOfBlocks { .. }) => alone,
+        _ => false,
+    }
+}
+
+fn utilization<B: ManagedBackend>(m: &KvManager<B>) -> f64 {
     let s = m.stats();
     if s.total_blocks == 0 {
         0.0
@@ -352,47 +460,58 @@ where
     }
 }
 
-fn held_fraction<B: ManagedBackend>(m: &KvManager<B>) -> (u64, u64)
-where
-    B::Region: Send + Sync,
-    B::Fence: Send,
-{
-    let used = u64::from(m.used_blocks()[0]);
-    (used, m.stats().total_blocks as u64)
+fn hits_of<B: ManagedBackend>(m: &KvManager<B>) -> u64 {
+    let s = m.stats();
+    s.device_hit_blocks + s.host_hit_blocks
+}
+
+/// Per-run tallies over every request (accepted or rejected).
+#[derive(Default)]
+struct Tally {
+    query_blocks: u64,
+    hit_blocks: u64,
+    hit_tokens: u64,
+    query_tokens: u64,
+}
+
+impl Tally {
+    fn request(&mut self, r: &Request, hit_blocks: u64, bs: u32) {
+        self.query_blocks += r.keys.len() as u64;
+        self.hit_blocks += hit_blocks;
+        self.hit_tokens += hit_tokens(r, hit_blocks, bs);
+        self.query_tokens += r.prompt_len(bs);
+    }
+    fn ratio(&self) -> f64 {
+        if self.query_blocks == 0 {
+            0.0
+        } else {
+            self.hit_blocks as f64 / self.query_blocks as f64
+        }
+    }
 }
 
 fn finish<B: ManagedBackend>(
     m: &KvManager<B>,
     mut res: RunResult,
     samples: Vec<Sample>,
-    hit_tokens: u64,
-    query_tokens: u64,
-) -> RunResult
-where
-    B::Region: Send + Sync,
-    B::Fence: Send,
-{
+    t: &Tally,
+) -> RunResult {
     let s = m.stats();
-    res.query_blocks = s.query_blocks;
+    res.query_blocks = t.query_blocks;
     res.device_hit_blocks = s.device_hit_blocks;
     res.host_hit_blocks = s.host_hit_blocks;
-    res.block_hit_ratio = if s.query_blocks == 0 {
+    res.block_hit_ratio = t.ratio();
+    res.token_hit_ratio = if t.query_tokens == 0 {
         0.0
     } else {
-        (s.device_hit_blocks + s.host_hit_blocks) as f64 / s.query_blocks as f64
-    };
-    res.token_hit_ratio = if query_tokens == 0 {
-        0.0
-    } else {
-        hit_tokens as f64 / query_tokens as f64
+        t.hit_tokens as f64 / t.query_tokens as f64
     };
     res.evictions = s.eviction_count;
     res.swap_outs = s.swap_outs;
     res.swap_ins = s.swap_ins;
     res.leaked_sequences = m.list_handles().len() as u64 + s.active_caches as u64;
-    let (used, total) = held_fraction(m);
-    res.blocks_in_use_at_end = used;
-    res.blocks_total = total;
+    res.blocks_in_use_at_end = u64::from(m.used_blocks().first().copied().unwrap_or(0));
+    res.blocks_total = s.total_blocks as u64;
     res.blocks_free_at_end = s.free_blocks as u64;
     res.peak_utilization = samples.iter().map(|p| p.utilization).fold(0.0, f64::max);
     res.mean_utilization = if samples.is_empty() {
@@ -412,27 +531,14 @@ fn downsample(s: Vec<Sample>, max: usize) -> Vec<Sample> {
     s.into_iter().step_by(step).collect()
 }
 
-fn hits_of<B: ManagedBackend>(m: &KvManager<B>) -> u64
-where
-    B::Region: Send + Sync,
-    B::Fence: Send,
-{
-    let s = m.stats();
-    s.device_hit_blocks + s.host_hit_blocks
-}
-
 /// Replays requests one at a time: allocate (prefix lookup, hits pinned),
 /// then free. `progress` is told each request done.
-pub(crate) fn sequential<B: ManagedBackend>(
+pub fn sequential<B: ManagedBackend>(
     m: &KvManager<B>,
     w: &Workload,
     cfg: &SimConfig,
     progress: &mut dyn FnMut(u64),
-) -> Result<RunResult>
-where
-    B::Region: Send + Sync,
-    B::Fence: Send,
-{
+) -> Result<RunResult> {
     let bs = w.tokens_per_block;
     let mut res = RunResult {
         policy: "lru".into(),
@@ -440,36 +546,35 @@ where
         ..RunResult::default()
     };
     let mut samples = Vec::with_capacity(w.requests.len());
-    let (mut ht, mut qt) = (0u64, 0u64);
+    let mut t = Tally::default();
     for (i, r) in w.requests.iter().enumerate() {
+        progress(1);
+        let reject = |res: &mut RunResult, t: &mut Tally| {
+            res.rejected += 1;
+            res.rejected_blocks += r.keys.len() as u64;
+            t.request(r, 0, bs);
+        };
+        if !cfg.fits(r, bs) {
+            reject(&mut res, &mut t);
+            continue;
+        }
         let before = hits_of(m);
         match block_on(m.allocate(&request_for(r, i as u64, cfg, bs))) {
             Ok(_h) => {
-                let h = hits_of(m) - before;
-                ht += hit_tokens(r, h, bs);
-                qt += prompt_tokens_of(r, bs);
+                t.request(r, hits_of(m) - before, bs);
                 let util = utilization(m);
                 block_on(m.deallocate(RequestId(i as u64)))?;
-                let s = m.stats();
                 samples.push(Sample {
                     x: i as f64,
                     utilization: util,
-                    hit_ratio: if s.query_blocks == 0 {
-                        0.0
-                    } else {
-                        hits_of(m) as f64 / s.query_blocks as f64
-                    },
+                    hit_ratio: t.ratio(),
                 });
             }
-            Err(ManagerError::Core(_) | ManagerError::OutOfMemory { .. }) => {
-                res.rejected += 1;
-                qt += prompt_tokens_of(r, bs);
-            }
+            Err(e) if rejected(&e, true) => reject(&mut res, &mut t),
             Err(e) => return Err(e.into()),
         }
-        progress(1);
     }
-    Ok(finish(m, res, samples, ht, qt))
+    Ok(finish(m, res, samples, &t))
 }
 
 struct Running {
@@ -478,19 +583,18 @@ struct Running {
     decoded: u32,
 }
 
+/// Steps in a row that may make no progress before a timed run gives up.
+const STALL_STEPS: u32 = 10_000;
+
 /// Replays requests on a virtual clock: arrivals, prefill, decode, pressure,
 /// preemption to the host tier and back (see the module docs).
-pub(crate) fn timed<B: ManagedBackend>(
+pub fn timed<B: ManagedBackend>(
     m: &KvManager<B>,
     w: &Workload,
     cfg: &SimConfig,
     preempt: &str,
     progress: &mut dyn FnMut(u64),
-) -> Result<RunResult>
-where
-    B::Region: Send + Sync,
-    B::Fence: Send,
-{
+) -> Result<RunResult> {
     let bs = w.tokens_per_block;
     let cost = cfg.cost;
     let mut res = RunResult {
@@ -505,20 +609,34 @@ where
     let mut now = 0.0f64;
     let mut delays = Vec::with_capacity(w.requests.len());
     let mut next_id = 0u64;
-    let (mut ht, mut qt) = (0u64, 0u64);
+    let mut t = Tally::default();
     let watermark = (cfg.capacity_blocks / 1000) as usize;
     let resume_headroom = (cfg.capacity_blocks / 20) as usize;
     let mut done = 0usize;
+    let mut stalled = 0u32;
     let total = w.requests.len();
     while done < total {
         while next_arrival < total && w.requests[next_arrival].arrival_s <= now {
-            waiting.push_back(next_arrival);
+            let r = &w.requests[next_arrival];
+            if cfg.fits(r, bs) {
+                waiting.push_back(next_arrival);
+            } else {
+                // Larger than the device: a real server refuses it.
+                res.rejected += 1;
+                res.rejected_blocks += r.keys.len() as u64;
+                t.request(r, 0, bs);
+                done += 1;
+                progress(1);
+            }
             next_arrival += 1;
         }
         if running.is_empty() && waiting.is_empty() {
-            now = w.requests[next_arrival].arrival_s;
+            if next_arrival < total {
+                now = now.max(w.requests[next_arrival].arrival_s);
+            }
             continue;
         }
+        let mut progressed = false;
         // Admit.
         let mut prefill_tokens = 0u64;
         while let Some(&ri) = waiting.front() {
@@ -526,7 +644,7 @@ where
             if running.len() >= cost.max_running || prefill_tokens >= cost.prefill_tokens_per_step {
                 break;
             }
-            let need = prompt_tokens_of(r, bs).div_ceil(u64::from(bs)) as usize + 1;
+            let need = r.prompt_len(bs).div_ceil(u64::from(bs)) as usize + 1;
             let free = m.stats().free_blocks;
             if free < need + watermark && !running.is_empty() {
                 break;
@@ -537,10 +655,8 @@ where
             match block_on(m.allocate(&request_for(r, id, cfg, bs))) {
                 Ok(_h) => {
                     let h = hits_of(m) - before;
-                    let cached = hit_tokens(r, h, bs);
-                    ht += cached;
-                    qt += prompt_tokens_of(r, bs);
-                    prefill_tokens += prompt_tokens_of(r, bs) - cached;
+                    t.request(r, h, bs);
+                    prefill_tokens += r.prompt_len(bs) - hit_tokens(r, h, bs);
                     delays.push(now - r.arrival_s);
                     waiting.pop_front();
                     running.push(Running {
@@ -548,28 +664,18 @@ where
                         req: ri,
                         decoded: 0,
                     });
+                    progressed = true;
                 }
-                Err(
-                    ManagerError::OutOfMemory { .. }
-                    | ManagerError::Core(pagedkv_core::Error::OutOfBlocks { .. }),
-                ) => {
-                    if running.is_empty() {
-                        // Cannot fit even alone: reject.
-                        res.rejected += 1;
-                        qt += prompt_tokens_of(r, bs);
-                        waiting.pop_front();
-                        done += 1;
-                        progress(1);
-                    }
-                    break;
-                }
-                Err(ManagerError::Core(_)) => {
+                Err(e) if rejected(&e, running.is_empty()) => {
                     res.rejected += 1;
-                    qt += prompt_tokens_of(r, bs);
+                    res.rejected_blocks += r.keys.len() as u64;
+                    t.request(r, 0, bs);
                     waiting.pop_front();
                     done += 1;
                     progress(1);
+                    progressed = true;
                 }
+                Err(e) if rejected(&e, true) => break, // no room now: wait
                 Err(e) => return Err(e.into()),
             }
         }
@@ -577,6 +683,9 @@ where
         // or can come back to it.
         let mut i = 0;
         let mut active = 0usize;
+        let any_on_device = running
+            .iter()
+            .any(|r| m.get_cache_device(RequestId(r.id)) != Some(Device::Cpu));
         while i < running.len() {
             let id = RequestId(running[i].id);
             if m.get_cache_device(id) == Some(Device::Cpu) {
@@ -584,10 +693,10 @@ where
                     .get_handle(id)
                     .map_or(0, |h| h.block_table().physical_blocks.len());
                 // Resume only with headroom (5% of the device), so resumed
-                // and running sequences do not keep preempting each other.
-                if m.stats().free_blocks < blocks + resume_headroom
-                    || block_on(m.swap_in(id)).is_err()
-                {
+                // and running sequences do not keep preempting each other;
+                // with nothing on the device, resume anyway.
+                let room = m.stats().free_blocks >= blocks + resume_headroom || !any_on_device;
+                if !room || block_on(m.swap_in(id)).is_err() {
                     i += 1;
                     continue;
                 }
@@ -604,6 +713,7 @@ where
             match ext {
                 Ok(()) => {
                     active += 1;
+                    progressed = true;
                     running[i].decoded += 1;
                     if running[i].decoded >= r.output_tokens.max(1) {
                         block_on(m.deallocate(id))?;
@@ -614,9 +724,9 @@ where
                     }
                     i += 1;
                 }
-                Err(ManagerError::OutOfMemory { .. } | ManagerError::Core(_)) => {
+                Err(e) if rejected(&e, true) => {
                     // No room anywhere: drop it and recompute later.
-                    let _ = block_on(m.deallocate(id));
+                    block_on(m.deallocate(id))?;
                     res.recomputes += 1;
                     let ri = running.swap_remove(i).req;
                     waiting.push_front(ri);
@@ -624,19 +734,23 @@ where
                 Err(e) => return Err(e.into()),
             }
         }
+        stalled = if progressed { 0 } else { stalled + 1 };
+        if stalled > STALL_STEPS {
+            bail!(
+                "the timed replay stopped making progress at {now:.1} s ({} waiting, {} running): \
+                 the device is too small for this workload",
+                waiting.len(),
+                running.len()
+            );
+        }
         let step = prefill_tokens as f64 / cost.prefill_tps
             + cost.decode_step_s
             + cost.decode_s_per_seq * active as f64;
         now += step;
-        let s = m.stats();
         samples.push(Sample {
             x: now,
             utilization: utilization(m),
-            hit_ratio: if s.query_blocks == 0 {
-                0.0
-            } else {
-                hits_of(m) as f64 / s.query_blocks as f64
-            },
+            hit_ratio: t.ratio(),
         });
     }
     delays.sort_by(f64::total_cmp);
@@ -650,5 +764,5 @@ where
     res.queueing_delay_p50_s = pct(0.5);
     res.queueing_delay_p99_s = pct(0.99);
     res.simulated_s = now;
-    Ok(finish(m, res, samples, ht, qt))
+    Ok(finish(m, res, samples, &t))
 }

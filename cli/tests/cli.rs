@@ -222,3 +222,217 @@ fn bad_input_is_a_clear_message() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs the binary with 1 GiB of address space and a 20 s limit: a hostile
+/// input must end with a one-line error, quickly, without an abort.
+fn hostile(args: &[&str]) -> (Option<i32>, String, std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 1048576 && exec timeout 20 \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_pagedkv"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), err, t0.elapsed())
+}
+
+/// Issue 8, defects 8-12 and 16: every bad input ends with a clear one-line
+/// error and exit code 2, within 5 s and 1 GiB, never a hang, an abort or a
+/// backtrace.
+#[test]
+fn hostile_inputs_end_in_one_line_within_5_s_and_1_gib() {
+    let dir = std::env::temp_dir().join(format!("pagedkv-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = |name: &str, row: &str| {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            format!("TIMESTAMP,ContextTokens,GeneratedTokens\n{row}\n"),
+        )
+        .unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let ids = dir.join("ids.jsonl");
+    std::fs::write(
+        &ids,
+        format!(
+            "{{\"timestamp\": 0, \"input_length\": 5, \"output_length\": 5, \"hash_ids\": [{}]}}\n",
+            vec!["7"; 1 << 23].join(",")
+        ),
+    )
+    .unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![csv("nan.csv", "2023-11-16 18:15:NaN,100,5")],
+            "TIMESTAMP",
+        ),
+        (
+            vec![csv("inf.csv", "2023-11-16 18:15:inf,100,5")],
+            "TIMESTAMP",
+        ),
+        (
+            vec![csv("year.csv", "99999999999-11-16 18:15:46.1,100,5")],
+            "TIMESTAMP",
+        ),
+        (
+            vec![csv("hour.csv", "2023-11-16 99999999999:15:46.1,100,5")],
+            "TIMESTAMP",
+        ),
+        (
+            vec![csv("month.csv", "2023-13-16 18:15:46.1,100,5")],
+            "TIMESTAMP",
+        ),
+        (
+            vec![csv("day.csv", "2023-11-45 18:15:46.1,100,5")],
+            "TIMESTAMP",
+        ),
+        (
+            vec![csv("h99.csv", "2023-11-16 99:15:46.1,100,5")],
+            "TIMESTAMP",
+        ),
+        (
+            vec![csv("extra.csv", "2023-11-16 18:15:46.1,100,5,9")],
+            "4 fields",
+        ),
+        (vec![ids.to_str().unwrap().to_string()], "hash_ids"),
+    ];
+    let mut all: Vec<(Vec<String>, &str)> = cases
+        .into_iter()
+        .map(|(files, needle)| {
+            (
+                vec!["simulate".into(), "--trace".into(), files[0].clone()],
+                needle,
+            )
+        })
+        .collect();
+    for (flags, needle) in [
+        (&["--capacity-blocks", "1000000000"][..], "--max-memory"),
+        (&["--host-blocks", "1000000000"][..], "--max-memory"),
+        (&["--capacity-fraction", "1000"][..], "--capacity-fraction"),
+        (&["--prefill-tps", "0"][..], "--prefill-tps"),
+        (&["--prefill-tps", "-5"][..], "--prefill-tps"),
+        (&["--prefill-tps", "NaN"][..], "--prefill-tps"),
+        (&["--decode-step-ms", "-1"][..], "--decode-step-ms"),
+        (&["--decode-step-ms", "NaN"][..], "--decode-step-ms"),
+        (&["--max-memory", "inf"][..], "--max-memory"),
+        (&["--conversations", "4000000000"][..], "--max-memory"),
+    ] {
+        let mut a = vec!["simulate".to_string()];
+        a.extend(flags.iter().map(|s| s.to_string()));
+        all.push((a, needle));
+    }
+    for (args, needle) in &all {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err, took) = hostile(&args);
+        assert_eq!(code, Some(2), "{args:?}: exit {code:?}, {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("memory allocation"),
+            "{args:?}: {err}"
+        );
+        assert!(took.as_secs_f64() < 5.0, "{args:?} took {took:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 8, defect 7: timed runs whose requests do not fit (a prompt that
+/// fits but not with its output) ended never; they are rejected now.
+#[test]
+fn timed_runs_with_requests_larger_than_the_device_end() {
+    let v = json(&["simulate", "--conversations", "10"]);
+    let run = &v["runs"][0];
+    assert!(run["rejected"].as_u64().unwrap() > 0, "{run}");
+    assert_eq!(run["blocks_in_use_at_end"], 0);
+    let dir = std::env::temp_dir().join(format!("pagedkv-one-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let one = dir.join("one.csv");
+    std::fs::write(
+        &one,
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,100,5000\n",
+    )
+    .unwrap();
+    let v = json(&[
+        "simulate",
+        "--trace",
+        one.to_str().unwrap(),
+        "--capacity-blocks",
+        "4",
+    ]);
+    assert_eq!(v["runs"][0]["rejected"], 1);
+    let moon = traces().join("mooncake_conversation.jsonl");
+    let v = json(&[
+        "simulate",
+        "--trace",
+        moon.to_str().unwrap(),
+        "--capacity-blocks",
+        "20",
+    ]);
+    let run = &v["runs"][0];
+    assert!(run["rejected"].as_u64().unwrap() > 0);
+    assert_eq!(run["leaked_sequences"], 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 8, defect 18: rejected requests count as misses, so every ratio
+/// of a report has the references' denominator, and LRU never claims to
+/// beat Belady's optimum in sequential mode.
+#[test]
+fn rejected_requests_count_as_misses() {
+    let moon = traces().join("mooncake_conversation.jsonl");
+    let v = json(&[
+        "simulate",
+        "--trace",
+        moon.to_str().unwrap(),
+        "--sequential",
+        "--capacity-blocks",
+        "60",
+        "--policy",
+        "lru,belady",
+    ]);
+    let runs = v["runs"].as_array().unwrap();
+    let lru = runs.iter().find(|r| r["policy"] == "lru").unwrap();
+    assert!(
+        lru["rejected"].as_u64().unwrap() > 0,
+        "some requests exceed 60 blocks"
+    );
+    assert_eq!(lru["query_blocks"], v["block_refs"], "one denominator");
+    let hits =
+        lru["device_hit_blocks"].as_u64().unwrap() + lru["host_hit_blocks"].as_u64().unwrap();
+    let ratio = hits as f64 / v["block_refs"].as_f64().unwrap();
+    assert!((lru["block_hit_ratio"].as_f64().unwrap() - ratio).abs() < 1e-12);
+    assert!(lru["fraction_of_optimum"].as_f64().unwrap() <= 1.0, "{lru}");
+}
+
+/// Issue 8, defect 19: the default workload measures memory, not compute:
+/// with the whole workload in memory its queueing delay is near zero, and a
+/// run that offers more than the server computes is called out.
+#[test]
+fn the_default_load_is_memory_bound_not_compute_bound() {
+    let ample = json(&["simulate", "--capacity-fraction", "1.0"]);
+    let load = ample["offered_load"]["utilization"].as_f64().unwrap();
+    assert!(load > 0.1 && load < 0.7, "offered load {load}");
+    let run = &ample["runs"][0];
+    assert!(run["queueing_delay_p50_s"].as_f64().unwrap() < 0.1, "{run}");
+    let tight = json(&["simulate"]);
+    let t = &tight["runs"][0];
+    assert!(
+        t["block_hit_ratio"].as_f64().unwrap() < run["block_hit_ratio"].as_f64().unwrap() - 0.1,
+        "memory pressure moves the hit ratio"
+    );
+    let out = bin()
+        .args(["simulate", "--conversations", "200", "--prefill-tps", "150"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warning") && text.contains("compute"),
+        "{text}"
+    );
+}

@@ -154,3 +154,53 @@ impl ManagerError {
 
 /// Result alias.
 pub type Result<T, E = ManagerError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole chain, as a report (anyhow's `{:#}`) prints it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            cause = c.source();
+        }
+        s
+    }
+
+    /// Issue 8, defect 15: a wrapped cause was printed twice in a report.
+    #[test]
+    fn a_report_says_each_cause_once() {
+        let core = ManagerError::from(pagedkv_core::Error::UnknownPool(pagedkv_core::PoolId(3)));
+        assert_eq!(chain(&core), "pool#3 is unknown");
+        #[derive(Debug)]
+        struct Dead;
+        impl std::fmt::Display for Dead {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("device fell off the bus")
+            }
+        }
+        impl std::error::Error for Dead {}
+        impl pagedkv_core::BackendError for Dead {
+            fn kind(&self) -> ErrorKind {
+                ErrorKind::DeviceLost
+            }
+        }
+        let be = ManagerError::backend("copying blocks")(Dead);
+        let text = chain(&be);
+        assert_eq!(
+            text,
+            "backend failure (DeviceLost) while copying blocks: device fell off the bus"
+        );
+        let bad = ManagerError::from(InvalidRequest::TooLong { tokens: 9, max: 8 });
+        assert_eq!(
+            chain(&bad).matches("9 tokens").count(),
+            1,
+            "{}",
+            chain(&bad)
+        );
+    }
+}

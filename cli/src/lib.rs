@@ -1,0 +1,14 @@
+//! pagedkv's simulator: workload parsers (built-in chat, Mooncake, Azure),
+//! the replay of a workload through the real manager, the offline
+//! references (ideal, Belady), the memory check of a run, and plots. The
+//! `pagedkv` binary is its command line; the fuzz targets drive the parsers.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "a simulator on 64-bit hosts: trace token and block counts fit in u32"
+)]
+
+pub mod check;
+pub mod keys;
+pub mod plot;
+pub mod sim;
+pub mod workload;
