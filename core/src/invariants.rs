@@ -78,35 +78,37 @@ impl<H: BlockHasher> KvCache<'_, H> {
         self.check_ref_counts()
     }
 
-    /// Every reference the cache's sequences and plans hold, as (pool
-    /// index, block): live table entries; plan targets (a relocation's or a
-    /// copy-on-write's unmoved positions are the table's own); tier plan sources.
-    fn holders(&self) -> impl Iterator<Item = (usize, BlockId)> + '_ {
-        let tables = self.seqs.iter().flat_map(move |(i, s)| {
-            let pi = self.pool_index(PoolId(s.pool)).ok();
-            row_of(&self.tables, i, self.width)
+    /// Calls `f` with every reference the cache's sequences and plans hold,
+    /// as (pool index, block): live table entries; plan targets (a
+    /// relocation's or a copy-on-write's unmoved positions are the table's
+    /// own); tier plan sources.
+    fn for_each_holder(&self, f: &mut dyn FnMut(usize, BlockId)) {
+        for (i, s) in self.seqs.iter() {
+            let Ok(pi) = self.pool_index(PoolId(s.pool)) else {
+                continue;
+            };
+            let row = row_of(&self.tables, i, self.width);
+            for &b in row
                 .get(s.first_live as usize..s.blocks as usize)
                 .unwrap_or(&[])
-                .iter()
-                .filter_map(move |&b| pi.map(|pi| (pi, b)))
-        });
-        let plans = self.plans.iter().flat_map(move |(i, p)| {
+            {
+                f(pi, b);
+            }
+        }
+        for (i, p) in self.plans.iter() {
             let src = self.pool_index(PoolId(p.src)).ok();
             let dst = self.pool_index(PoolId(p.dst)).ok();
             let tier = p.seq == NIL;
             let same = p.src == p.dst;
-            self.plan_sources(i, p)
-                .iter()
-                .zip(self.plan_targets(i, p))
-                .flat_map(move |(&s, &t)| {
-                    let target = (tier || !same || s != t).then_some(t);
-                    let source = (tier && s != HOLE).then_some(s);
-                    let t = target.and_then(|t| dst.map(|d| (d, t)));
-                    let s = source.and_then(|s| src.map(|p| (p, s)));
-                    t.into_iter().chain(s)
-                })
-        });
-        tables.chain(plans)
+            for (&s, &t) in self.plan_sources(i, p).iter().zip(self.plan_targets(i, p)) {
+                if let Some(d) = dst.filter(|_| tier || !same || s != t) {
+                    f(d, t);
+                }
+                if let Some(sp) = src.filter(|_| tier && s != HOLE) {
+                    f(sp, s);
+                }
+            }
+        }
     }
 
     #[cfg(feature = "alloc")]
@@ -116,16 +118,19 @@ impl<H: BlockHasher> KvCache<'_, H> {
             .iter()
             .map(|p| alloc::vec![0; p.max_blocks() as usize])
             .collect();
-        for (pi, b) in self.holders() {
-            let c = counts
-                .get_mut(pi)
-                .and_then(|c| c.get_mut(b.index()))
-                .ok_or(Invariant {
-                    what: "table entry out of range",
-                    at: Some(b.0),
-                })?;
-            *c += 1;
-        }
+        let mut out_of_range = None;
+        self.for_each_holder(&mut |pi, b| match counts
+            .get_mut(pi)
+            .and_then(|c| c.get_mut(b.index()))
+        {
+            Some(c) => *c += 1,
+            None => out_of_range = Some(b.0),
+        });
+        ensure(
+            out_of_range.is_none(),
+            "table entry out of range",
+            out_of_range,
+        )?;
         for (p, counts) in self.pools.iter().zip(&counts) {
             for (b, &c) in counts.iter().enumerate() {
                 let rc = p.ref_count(BlockId(b as u32)).unwrap_or(u32::MAX);
@@ -139,7 +144,8 @@ impl<H: BlockHasher> KvCache<'_, H> {
     fn check_ref_counts(&self) -> Result<(), Invariant> {
         for (pi, p) in self.pools.iter().enumerate() {
             for b in 0..p.max_blocks() {
-                let c = self.holders().filter(|&(q, h)| q == pi && h.0 == b).count() as u32;
+                let mut c = 0u32;
+                self.for_each_holder(&mut |q, h| c += u32::from(q == pi && h.0 == b));
                 let rc = p.ref_count(BlockId(b)).unwrap_or(u32::MAX);
                 ensure(rc == c, "ref count differs from holders", Some(b))?;
             }

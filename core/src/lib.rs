@@ -1,6 +1,22 @@
 #![doc = include_str!("../README.md")]
 #![no_std]
 #![deny(unsafe_code)]
+// A panic-free core: no panic is reachable from a caller's input. Indexing,
+// `unwrap` and the like are refused outside tests (`get`, typed errors);
+// the firmware build checks the result (`firmware/panics.sh`).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::modulo_arithmetic,
+    )
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "alloc")]

@@ -27,6 +27,8 @@ use crate::ids::BlockHash;
 use crate::storage::Slots;
 
 pub(crate) const EMPTY: u32 = u32::MAX;
+/// A bucket with nothing in it (what a bucket index past the table reads).
+const EMPTY_BUCKET: [u32; WAYS] = [EMPTY; WAYS];
 
 /// Outcome of [`PrefixIndex::insert`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -106,9 +108,20 @@ impl<'a> PrefixIndex<'a> {
         (b1, b2)
     }
 
+    /// Bucket `b` (always below `buckets`; an index past the table reads
+    /// as empty rather than panicking).
     #[inline]
-    fn bucket(&self, b: usize) -> &[u32] {
-        &self.table[b * WAYS..b * WAYS + WAYS]
+    fn bucket(&self, b: usize) -> &[u32; WAYS] {
+        self.table
+            .get(b * WAYS..)
+            .and_then(|t| t.first_chunk::<WAYS>())
+            .unwrap_or(&EMPTY_BUCKET)
+    }
+
+    /// Entry `pos` of the table, mutably (`None` past its end).
+    #[inline]
+    fn slot_mut(&mut self, pos: usize) -> Option<&mut u32> {
+        self.table.get_mut(pos)
     }
 
     /// The block indexed under `key`, if any. `key_of(b)` is the key block `b` carries.
@@ -123,7 +136,9 @@ impl<'a> PrefixIndex<'a> {
             // the few candidates: an EMPTY entry's id part is never a block.
             let mut hits = Self::matches(bucket, !mask, probe);
             while hits != 0 {
-                let id = bucket[hits.trailing_zeros() as usize] & mask;
+                let id = bucket
+                    .get(hits.trailing_zeros() as usize)
+                    .map_or(mask, |e| e & mask);
                 if id != mask && key_of(id) == key {
                     return Some(id);
                 }
@@ -165,7 +180,9 @@ impl<'a> PrefixIndex<'a> {
             let bucket = self.bucket(b);
             let mut hits = Self::matches(bucket, !mask, e & !mask);
             while hits != 0 {
-                let id = bucket[hits.trailing_zeros() as usize] & mask;
+                let id = bucket
+                    .get(hits.trailing_zeros() as usize)
+                    .map_or(mask, |e| e & mask);
                 if id != mask && key_of(id) == key {
                     return Insert::Exists(id);
                 }
@@ -178,8 +195,8 @@ impl<'a> PrefixIndex<'a> {
                 }
             }
         }
-        if let Some(pos) = free {
-            self.table[pos] = e;
+        if let Some(slot) = free.and_then(|pos| self.slot_mut(pos)) {
+            *slot = e;
             self.len += 1;
             return Insert::Inserted;
         }
@@ -198,21 +215,29 @@ impl<'a> PrefixIndex<'a> {
         let mut path = [0usize; MAX_KICKS];
         let mut carried = e;
         let mut b = b1;
+        let mut steps = 0;
         for slot in path.iter_mut() {
             self.rotor = self.rotor.wrapping_add(1);
             let pos = b * WAYS + (self.rotor as usize % WAYS);
+            let Some(entry) = self.slot_mut(pos) else {
+                break;
+            };
             *slot = pos;
-            carried = core::mem::replace(&mut self.table[pos], carried);
+            steps += 1;
+            carried = core::mem::replace(entry, carried);
             let (k1, k2) = self.buckets_of(key_of(carried & self.id_mask()));
             b = if k1 == b { k2 } else { k1 };
-            if let Some(w) = self.free_way(b) {
-                self.table[b * WAYS + w] = carried;
+            let free = self.free_way(b).and_then(|w| self.slot_mut(b * WAYS + w));
+            if let Some(entry) = free {
+                *entry = carried;
                 self.len += 1;
                 return true;
             }
         }
-        for &pos in path.iter().rev() {
-            carried = core::mem::replace(&mut self.table[pos], carried);
+        for &pos in path.iter().take(steps).rev() {
+            if let Some(entry) = self.slot_mut(pos) {
+                carried = core::mem::replace(entry, carried);
+            }
         }
         debug_assert_eq!(carried, e);
         false
@@ -225,9 +250,9 @@ impl<'a> PrefixIndex<'a> {
         let e = self.entry(key, block);
         for b in [b1, b2] {
             let m = Self::matches(self.bucket(b), u32::MAX, e);
-            if m != 0 {
-                let w = m.trailing_zeros() as usize;
-                self.table[b * WAYS + w] = EMPTY;
+            let w = m.trailing_zeros() as usize;
+            if let Some(entry) = self.slot_mut(b * WAYS + w).filter(|_| m != 0) {
+                *entry = EMPTY;
                 self.len -= 1;
                 return true;
             }
@@ -255,7 +280,8 @@ impl<'a> PrefixIndex<'a> {
     pub(crate) fn reachable(&self, key: BlockHash, at: usize) -> bool {
         let (b1, b2) = self.buckets_of(key);
         let b = at / WAYS;
-        (b == b1 || b == b2) && self.table[at] == self.entry(key, self.table[at] & self.id_mask())
+        let e = self.table.get(at).copied().unwrap_or(EMPTY);
+        (b == b1 || b == b2) && e == self.entry(key, e & self.id_mask())
     }
 }
 

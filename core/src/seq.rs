@@ -104,7 +104,9 @@ impl<H: BlockHasher> KvCache<'_, H> {
                 }
             }
         }
-        let (hit_row, fresh_row) = row.split_at_mut(hits as usize);
+        let (hit_row, fresh_row) = row
+            .split_at_mut_checked(hits as usize)
+            .unwrap_or((&mut [], &mut []));
         let fresh = nblocks - hits;
         let available = p.available();
         if fresh > available {

@@ -184,7 +184,7 @@ fn workload() -> Result<(), Fail> {
         .map_err(|_| Fail("table", 1))?;
     for (i, &b) in table_a.iter().enumerate() {
         let end = ((i + 1) * BS as usize).min(prompt.len());
-        kv_bytes(&prompt[..end], &mut kv);
+        kv_bytes(prompt.get(..end).unwrap_or(&prompt), &mut kv);
         be.write_bytes(&dev_r, block_offset(b), &kv)
             .map_err(|_| Fail("write", b.0))?;
     }
@@ -205,9 +205,10 @@ fn workload() -> Result<(), Fail> {
         "copy-on-write bytes",
         cow.dst.0,
     )?;
-    let mut child_tokens = [0u32; 23];
-    child_tokens[..22].copy_from_slice(&prompt);
-    child_tokens[22] = 99;
+    let mut child_tokens = [99u32; 23];
+    for (c, &t) in child_tokens.iter_mut().zip(&prompt) {
+        *c = t;
+    }
     kv_bytes(&child_tokens, &mut kv);
     be.write_bytes(&dev_r, block_offset(cow.dst), &kv)
         .map_err(|_| Fail("write", 1))?;
@@ -236,10 +237,11 @@ fn workload() -> Result<(), Fail> {
         .map_err(|_| Fail("table", 2))?
         .try_into()
         .map_err(|_| Fail("table", 3))?;
-    for i in 0..5 {
-        kv_bytes(&prompt[..(i + 1) * BS as usize], &mut kv);
+    for (i, &blk) in table_b.iter().take(5).enumerate() {
+        let end = (i + 1) * BS as usize;
+        kv_bytes(prompt.get(..end).unwrap_or(&prompt), &mut kv);
         check(
-            read_block(&mut be, &dev_r, table_b[i])? == kv,
+            read_block(&mut be, &dev_r, blk)? == kv,
             "hit block bytes",
             i as u32,
         )?;
@@ -251,8 +253,8 @@ fn workload() -> Result<(), Fail> {
 
     // 4. Swap out to the host tier and back, two-phase, bytes checked.
     let mut expect = [[0u8; BLOCK_BYTES]; 6];
-    for (i, e) in expect.iter_mut().enumerate() {
-        *e = read_block(&mut be, &dev_r, table_b[i])?;
+    for (e, &blk) in expect.iter_mut().zip(&table_b) {
+        *e = read_block(&mut be, &dev_r, blk)?;
     }
     for (dir, to) in [(0u32, host), (1, dev)] {
         let plan = if dir == 0 {
@@ -273,7 +275,7 @@ fn workload() -> Result<(), Fail> {
             (HOST_BLOCKS, DEV_BLOCKS)
         };
         let batch = validator
-            .validate(&buf[..n], sn, dn, false)
+            .validate(buf.get(..n).unwrap_or(&[]), sn, dn, false)
             .map_err(|_| Fail("validate", dir))?;
         // SAFETY: both regions belong to `be`; nothing else runs meanwhile.
         unsafe { be.copy_blocks(region(s), region(d), batch) }.map_err(|_| Fail("copy", dir))?;
@@ -281,9 +283,10 @@ fn workload() -> Result<(), Fail> {
         let info = cache.info(b.seq).map_err(|_| Fail("info", dir))?;
         check(info.pool == to, "sequence moved", dir)?;
         let t = cache.table(b.seq).map_err(|_| Fail("table", 4))?;
-        for (i, &blk) in t.iter().enumerate() {
+        check(t.len() == expect.len(), "table length after move", dir)?;
+        for (i, (&blk, want)) in t.iter().zip(&expect).enumerate() {
             check(
-                read_block(&mut be, region(to), blk)? == expect[i],
+                read_block(&mut be, region(to), blk)? == *want,
                 "KV after move",
                 i as u32,
             )?;
