@@ -9,6 +9,7 @@
 
 pub mod check;
 pub mod keys;
+#[cfg(feature = "cli")]
 pub mod plot;
 pub mod sim;
 pub mod workload;

@@ -301,10 +301,8 @@ fn hostile_inputs_end_in_one_line_within_5_s_and_1_gib() {
     let mut all: Vec<(Vec<String>, &str)> = cases
         .into_iter()
         .map(|(files, needle)| {
-            (
-                vec!["simulate".into(), "--trace".into(), files[0].clone()],
-                needle,
-            )
+            let args = ["simulate", "--trace", &files[0], "--capacity-blocks", "100"];
+            (args.iter().map(|s| s.to_string()).collect(), needle)
         })
         .collect();
     for (flags, needle) in [
@@ -313,6 +311,8 @@ fn hostile_inputs_end_in_one_line_within_5_s_and_1_gib() {
         (&["--capacity-fraction", "1000"][..], "--capacity-fraction"),
         (&["--prefill-tps", "0"][..], "--prefill-tps"),
         (&["--prefill-tps", "-5"][..], "--prefill-tps"),
+        (&["--prefill-tps=-5"][..], "--prefill-tps"),
+        (&["--decode-step-ms=-1"][..], "--decode-step-ms"),
         (&["--prefill-tps", "NaN"][..], "--prefill-tps"),
         (&["--decode-step-ms", "-1"][..], "--decode-step-ms"),
         (&["--decode-step-ms", "NaN"][..], "--decode-step-ms"),
@@ -357,12 +357,13 @@ fn timed_runs_with_requests_larger_than_the_device_end() {
         "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,100,5000\n",
     )
     .unwrap();
+    // The 7-block prompt fits a 10-block device; with its output it does not.
     let v = json(&[
         "simulate",
         "--trace",
         one.to_str().unwrap(),
         "--capacity-blocks",
-        "4",
+        "10",
     ]);
     assert_eq!(v["runs"][0]["rejected"], 1);
     let moon = traces().join("mooncake_conversation.jsonl");

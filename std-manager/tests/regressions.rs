@@ -218,6 +218,9 @@ async fn d13_the_longest_ttl_never_expires() {
     });
     let m = HostManager::new(HostBackend::new(), cfg).unwrap();
     m.allocate(&request(1, prompt(32, 3))).await.unwrap();
+    // Released a second or more after the manager started: `at + ttl`
+    // overflowed where `at` was not zero.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     m.deallocate(RequestId(1)).await.unwrap();
     let gc = m.gc().await.unwrap();
     assert_eq!(gc.prefixes_expired, 0);

@@ -4,6 +4,9 @@
 #![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
 pub mod conformance;
+pub mod faulty;
+pub mod manager_model;
+pub mod model;
 
 use pagedkv_core::{
     BlockId, BlockPool, CacheConfig, KvCache, PoolConfig, PoolId, PoolStats, SeqId, SeqInfo,

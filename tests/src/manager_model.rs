@@ -1,0 +1,514 @@
+//! The model of the manager's model-based tests (proptest in
+//! `tests/manager_model.rs`, and the `manager` fuzz target): random request
+//! sequences on a `KvManager` over real host memory, against a model of
+//! every request's tokens and of the KV bytes every block must hold.
+//!
+//! A block's bytes are a function of its tenant and of the whole token
+//! prefix it ends (what a kernel would compute), written by the model after
+//! each allocation and extension. After every step:
+//! - the core's invariants hold, with every block a move holds in a plan;
+//! - every live request on a device or the host tier holds exactly its KV
+//!   (a compressed one, within the int8 bound), so a prefix hit on the wrong
+//!   block, a lost copy-on-write or a move that lost KV are all caught;
+//! - a prefix hit never serves lossy (compressed) KV as exact, nor another
+//!   tenant's;
+//! - a refused call changed no request's place or table.
+//!
+//! Futures are polled once and dropped at random while a move waits on a
+//! slow fence (cancellation), then the request must still be intact.
+#![allow(clippy::cast_possible_truncation, reason = "small test values")]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Waker};
+
+use pagedkv_manager::{
+    AdvancedKvCacheManager, AllocationRequest, BlockAllocator, BlockOrder, BlockTable, DType,
+    Device, KvCacheHandle, KvCacheManager, KvLayout, KvManager, ManagerConfig, ManagerError,
+    MultiDeviceCacheManager, PrefixCacheConfig, RequestId,
+};
+
+use crate::faulty::{Faulty, Knobs};
+
+/// Tokens per block.
+pub const BS: usize = 4;
+
+fn layout() -> KvLayout {
+    KvLayout {
+        layers: 1,
+        kv_heads: 2,
+        head_size: 8,
+        tokens_per_block: BS as u32,
+        dtype: DType::F16,
+        order: BlockOrder::LayerMajor,
+    }
+}
+
+/// One call on the manager. Fields are free-form (taken modulo their
+/// range), so a fuzzer can generate them.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[allow(missing_docs, reason = "the fields are the call's arguments")]
+pub enum MOp {
+    Allocate {
+        tenant: u8,
+        base: u8,
+        prefix: u8,
+        suffix: u8,
+        seed: u8,
+        dev: u8,
+    },
+    Extend {
+        pick: u8,
+        n: u8,
+        known: bool,
+    },
+    Fork {
+        pick: u8,
+    },
+    SwapOut {
+        pick: u8,
+    },
+    SwapIn {
+        pick: u8,
+    },
+    Compress {
+        pick: u8,
+    },
+    Move {
+        pick: u8,
+        dev: u8,
+    },
+    Defragment,
+    Gc,
+    Free {
+        pick: u8,
+    },
+    /// Poll one of the calls above once on slow fences, then drop it.
+    Cancel {
+        op: u8,
+        pick: u8,
+    },
+    /// A call on an id that was never allocated: a typed error.
+    Unknown {
+        which: u8,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct MReq {
+    /// The engine keeps the handle while the request runs.
+    handle: Arc<dyn KvCacheHandle>,
+    tenant: u8,
+    tokens: Vec<u32>,
+    /// Went through compression: its KV is within the int8 bound.
+    lossy: bool,
+}
+
+/// The manager under test and what every request's blocks should hold.
+pub struct ManagerModel {
+    m: KvManager<Faulty>,
+    knobs: Arc<Knobs>,
+    reqs: BTreeMap<u64, MReq>,
+    next_id: u64,
+    bases: [Vec<u32>; 3],
+    /// Operations applied.
+    pub ops: u64,
+    /// Prefix hits checked (a test asserts the model exercised them).
+    pub hits: u64,
+    /// Calls cancelled while a move was pending.
+    pub cancelled: u64,
+}
+
+/// Polls a future to the end (the manager's futures never wait on anything
+/// but the backend, so polling in a loop is a complete executor).
+fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}
+
+/// Polls a call once and drops it: `None` if it was still pending (then
+/// cancelled), else whether it succeeded.
+fn poll_once_then_drop<T, F: Future<Output = Result<T, ManagerError>>>(f: F) -> Option<bool> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        Poll::Pending => None,
+        Poll::Ready(r) => Some(r.is_ok()),
+    }
+}
+
+/// The KV of a block ending token prefix `tokens` of `tenant`: f16 values
+/// in [-8, 8], a function of the whole prefix.
+fn kv(tenant: u8, tokens: &[u32], bytes: usize) -> Vec<u8> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(tenant);
+    for &t in tokens {
+        h = (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3);
+    }
+    (0..bytes / 2)
+        .flat_map(|i| {
+            let x = ((h.wrapping_add(i as u64 * 2_654_435_761) >> 20) % 4001) as f32 / 250.0 - 8.0;
+            half::f16::from_f32(x).to_bits().to_le_bytes()
+        })
+        .collect()
+}
+
+/// Whether `got` is `want` through int8 quantization (per-head scales of at
+/// most 8 / 127, plus f16 rounding).
+fn within_int8(got: &[u8], want: &[u8]) -> bool {
+    got.len() == want.len()
+        && got.chunks(2).zip(want.chunks(2)).all(|(g, w)| {
+            let g = half::f16::from_le_bytes([g[0], g[1]]).to_f32();
+            let w = half::f16::from_le_bytes([w[0], w[1]]).to_f32();
+            (g - w).abs() <= 8.0 / 254.0 + 0.01
+        })
+}
+
+impl ManagerModel {
+    /// Two devices of up to 24 blocks (growing by 8), a 48-block host tier,
+    /// prefix caching with offload, over `Faulty` host memory.
+    #[allow(
+        clippy::new_without_default,
+        reason = "a model is built, not defaulted"
+    )]
+    pub fn new() -> Self {
+        let (be, knobs) = Faulty::new();
+        let mut c = ManagerConfig::new(layout(), 24);
+        c.initial_blocks = 8;
+        c.host_blocks = 48;
+        c.target_devices = vec![Device::Gpu(0), Device::Gpu(1)];
+        c.prefix_cache_config = Some(PrefixCacheConfig::default());
+        c.offload_evicted_prefixes = true;
+        c.max_sequences = 12;
+        c.max_sequence_length = 64;
+        c.hash_key = Some(*b"manager-model-k1");
+        let m = KvManager::new(be, c).expect("config");
+        let bases = [
+            (0..64).map(|i| i * 7 % 50).collect(),
+            (0..64).map(|i| (i * 11 + 3) % 50).collect(),
+            (0..64).map(|i| i % 5).collect(),
+        ];
+        Self {
+            m,
+            knobs,
+            reqs: BTreeMap::new(),
+            next_id: 1,
+            bases,
+            ops: 0,
+            hits: 0,
+            cancelled: 0,
+        }
+    }
+
+    fn block_bytes() -> usize {
+        layout().block_bytes().unwrap_or(0) as usize
+    }
+
+    fn pick(&self, k: u8) -> Option<u64> {
+        let n = self.reqs.len();
+        (n > 0).then(|| *self.reqs.keys().nth(k as usize % n).unwrap_or(&0))
+    }
+
+    /// The "kernel": writes the KV of blocks `from..` of request `id`.
+    fn write(&self, id: u64, from: usize) {
+        let r = &self.reqs[&id];
+        let bb = Self::block_bytes();
+        for b in from..r.tokens.len().div_ceil(BS) {
+            let end = ((b + 1) * BS).min(r.tokens.len());
+            let bytes = kv(r.tenant, &r.tokens[..end], bb);
+            self.m
+                .write_block(RequestId(id), b, &bytes)
+                .expect("write a live block");
+        }
+    }
+
+    /// Checks request `id` holds its KV (when it is readable).
+    fn check(&self, id: u64) {
+        let r = &self.reqs[&id];
+        assert!(r.handle.is_valid(), "req {id}: its handle went stale");
+        assert_eq!(
+            r.handle.num_tokens(),
+            r.tokens.len(),
+            "req {id}: token count"
+        );
+        let bb = Self::block_bytes();
+        for b in 0..r.tokens.len().div_ceil(BS) {
+            let Ok(got) = self.m.read_block(RequestId(id), b) else {
+                continue;
+            };
+            if got.len() != bb {
+                continue; // compressed (int8 layout): checked once decompressed
+            }
+            let end = ((b + 1) * BS).min(r.tokens.len());
+            let want = kv(r.tenant, &r.tokens[..end], bb);
+            if r.lossy {
+                assert!(within_int8(&got, &want), "req {id} block {b}: lossy KV off");
+            } else {
+                assert_eq!(got, want, "req {id} block {b}: wrong KV");
+            }
+        }
+    }
+
+    fn check_all(&self) {
+        if let Err(e) = self.m.check_invariants() {
+            panic!("{e}");
+        }
+        for &id in self.reqs.keys() {
+            self.check(id);
+        }
+        assert_eq!(self.m.list_handles().len(), self.reqs.len());
+    }
+
+    fn places(&self) -> Vec<(u64, Option<Device>, BlockTable)> {
+        self.reqs
+            .iter()
+            .map(|(&id, r)| {
+                let place = self.m.get_cache_device(RequestId(id));
+                (id, place, r.handle.block_table())
+            })
+            .collect()
+    }
+
+    /// The request `op` is about.
+    fn target(&self, op: &MOp) -> Option<u64> {
+        match *op {
+            MOp::Extend { pick, .. }
+            | MOp::Fork { pick }
+            | MOp::SwapOut { pick }
+            | MOp::SwapIn { pick }
+            | MOp::Compress { pick }
+            | MOp::Move { pick, .. }
+            | MOp::Free { pick }
+            | MOp::Cancel { pick, .. } => self.pick(pick),
+            _ => None,
+        }
+    }
+
+    /// Applies `op`, then checks everything (see the module docs).
+    pub fn step(&mut self, op: &MOp) {
+        let target = self.target(op);
+        let before = self.places();
+        let refused = match self.apply(op) {
+            Ok(()) => false,
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e,
+                        ManagerError::OutOfMemory { .. }
+                            | ManagerError::Core(_)
+                            | ManagerError::UnknownRequest(_)
+                            | ManagerError::DuplicateRequest(_)
+                    ),
+                    "{op:?}: unexpected error {e}"
+                );
+                true
+            }
+        };
+        // A refused call leaves its request's tokens as they were, and a
+        // request that was on a device there (a call that first brings a
+        // request back from the host may leave it back; making room may have
+        // moved others). Its KV is checked below.
+        if let (true, Some(id)) = (refused, target) {
+            let now = self.places().into_iter().find(|p| p.0 == id);
+            let was = before.into_iter().find(|p| p.0 == id);
+            if let (Some(now), Some(was)) = (now, was) {
+                assert_eq!(
+                    now.2.sequence_length, was.2.sequence_length,
+                    "{op:?} was refused but changed its request's length"
+                );
+                if was.1 != Some(Device::Cpu) {
+                    assert_eq!(now, was, "{op:?} was refused but moved its request");
+                }
+            }
+        }
+        self.ops += 1;
+        self.check_all();
+    }
+
+    fn apply(&mut self, op: &MOp) -> Result<(), ManagerError> {
+        match *op {
+            MOp::Allocate {
+                tenant,
+                base,
+                prefix,
+                suffix,
+                seed,
+                dev,
+            } => {
+                if self.reqs.len() >= 10 {
+                    return Ok(());
+                }
+                let tenant = tenant % 3;
+                let b = &self.bases[base as usize % 3];
+                let mut tokens = b[..(prefix as usize % 40).min(b.len())].to_vec();
+                tokens.extend((0..suffix % 8).map(|i| 100 + u32::from(seed) * 8 + u32::from(i)));
+                let id = self.next_id;
+                self.next_id += 1;
+                let mut r =
+                    AllocationRequest::for_prompt(RequestId(id), tokens.clone(), 64, &layout());
+                r.cache_salt = (tenant > 0).then_some(u128::from(tenant));
+                r.device = Some(Device::Gpu(u16::from(dev % 2)));
+                let hits0 = self.m.stats().device_hit_blocks + self.m.stats().host_hit_blocks;
+                let handle = block_on(self.m.allocate(&r))?;
+                let s = self.m.stats();
+                let hits = (s.device_hit_blocks + s.host_hit_blocks - hits0) as usize;
+                self.reqs.insert(
+                    id,
+                    MReq {
+                        handle,
+                        tenant,
+                        tokens,
+                        lossy: false,
+                    },
+                );
+                // Hits hold the exact KV of this tenant's prefix already.
+                let bb = Self::block_bytes();
+                for b in 0..hits {
+                    let want = kv(tenant, &self.reqs[&id].tokens[..(b + 1) * BS], bb);
+                    let got = self.m.read_block(RequestId(id), b)?;
+                    assert_eq!(got, want, "req {id}: prefix hit {b} holds other KV");
+                }
+                self.hits += hits as u64;
+                self.write(id, hits);
+                Ok(())
+            }
+            MOp::Extend { pick, n, known } => {
+                let Some(id) = self.pick(pick) else {
+                    return Ok(());
+                };
+                let n = n as usize % 9;
+                let old = self.reqs[&id].tokens.len();
+                if old + n > 64 {
+                    return Ok(());
+                }
+                let new: Vec<u32> = (0..n).map(|i| 200 + (old + i) as u32 % 13).collect();
+                if known {
+                    block_on(self.m.extend_tokens(RequestId(id), &new))?;
+                } else {
+                    block_on(self.m.extend(RequestId(id), n))?;
+                }
+                let r = self.reqs.get_mut(&id).expect("picked");
+                r.tokens.extend(new);
+                // Appending brings a compressed request back, decompressed.
+                self.write(id, old / BS);
+                Ok(())
+            }
+            MOp::Fork { pick } => {
+                let Some(id) = self.pick(pick) else {
+                    return Ok(());
+                };
+                if self.reqs.len() >= 10 {
+                    return Ok(());
+                }
+                let child = self.next_id;
+                self.next_id += 1;
+                let handle = block_on(self.m.fork(RequestId(id), RequestId(child)))?;
+                let r = MReq {
+                    handle,
+                    ..self.reqs[&id].clone()
+                };
+                self.reqs.insert(child, r);
+                Ok(())
+            }
+            MOp::SwapOut { pick } | MOp::SwapIn { pick } | MOp::Compress { pick } => {
+                let Some(id) = self.pick(pick) else {
+                    return Ok(());
+                };
+                let rid = RequestId(id);
+                match op {
+                    MOp::SwapOut { .. } => block_on(self.m.swap_out(rid)),
+                    MOp::SwapIn { .. } => block_on(self.m.swap_in(rid)),
+                    _ => {
+                        block_on(self.m.compress_cache(rid, 0.6))?;
+                        if let Some(r) = self.reqs.get_mut(&id) {
+                            r.lossy = true;
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            MOp::Move { pick, dev } => {
+                let Some(id) = self.pick(pick) else {
+                    return Ok(());
+                };
+                block_on(
+                    self.m
+                        .move_cache(RequestId(id), Device::Gpu(u16::from(dev % 2))),
+                )
+            }
+            MOp::Defragment => self.m.defragment(),
+            MOp::Gc => block_on(self.m.gc()).map(|_| ()),
+            MOp::Free { pick } => {
+                let Some(id) = self.pick(pick) else {
+                    return Ok(());
+                };
+                block_on(self.m.deallocate(RequestId(id)))?;
+                self.reqs.remove(&id);
+                Ok(())
+            }
+            MOp::Cancel { op, pick } => {
+                let Some(id) = self.pick(pick) else {
+                    return Ok(());
+                };
+                let rid = RequestId(id);
+                let old = self.reqs[&id].tokens.len();
+                if op % 5 == 4 && old + 3 > 64 {
+                    return Ok(());
+                }
+                self.knobs.slow_polls.store(3, Ordering::SeqCst);
+                let done = match op % 5 {
+                    0 => poll_once_then_drop(self.m.swap_out(rid)),
+                    1 => poll_once_then_drop(self.m.swap_in(rid)),
+                    2 => poll_once_then_drop(self.m.compress_cache(rid, 0.6)),
+                    3 => poll_once_then_drop(self.m.move_cache(rid, Device::Gpu(1))),
+                    _ => poll_once_then_drop(self.m.extend(rid, 3)),
+                };
+                self.knobs.slow_polls.store(0, Ordering::SeqCst);
+                self.cancelled += u64::from(done.is_none());
+                if done == Some(true) && op % 5 == 4 {
+                    // The extension completed: the kernel writes its tokens,
+                    // ids unknown to the manager (it keys nothing past them)
+                    // that the model names for the bytes.
+                    let r = self.reqs.get_mut(&id).expect("picked");
+                    r.tokens.extend((0..3).map(|i| 300 + (old + i) as u32));
+                    self.write(id, old / BS);
+                }
+                if let (Some(true), 2, Some(r)) = (done, op % 5, self.reqs.get_mut(&id)) {
+                    r.lossy = true;
+                }
+                Ok(())
+            }
+            MOp::Unknown { which } => {
+                let ghost = RequestId(u64::MAX - u64::from(which));
+                let r = match which % 4 {
+                    0 => block_on(self.m.extend(ghost, 1)),
+                    1 => block_on(self.m.deallocate(ghost)),
+                    2 => block_on(self.m.swap_out(ghost)),
+                    _ => block_on(self.m.fork(ghost, RequestId(u64::MAX))).map(|_| ()),
+                };
+                assert!(matches!(r, Err(ManagerError::UnknownRequest(_))), "{r:?}");
+                r
+            }
+        }
+    }
+
+    /// Frees every request; nothing may stay held afterwards.
+    pub fn drain(&mut self) {
+        for id in std::mem::take(&mut self.reqs).into_keys() {
+            block_on(self.m.deallocate(RequestId(id))).expect("deallocate");
+        }
+        self.check_all();
+        assert!(
+            self.m.used_blocks().iter().all(|&u| u == 0),
+            "blocks still held: {:?}",
+            self.m.used_blocks()
+        );
+    }
+}
