@@ -25,6 +25,8 @@ arm-none-eabi-size "$elf"
 arm-none-eabi-size -A "$elf" | awk '$1 ~ /^\.(vector_table|text|rodata|data|bss)$/ {printf "  %-14s %7d bytes\n", $1, $2}'
 text=$(arm-none-eabi-size -A "$elf" | awk '$1 == ".text" {print $2}')
 echo "$variant build: .text = $text bytes ($(( (text + 1023) / 1024 )) KiB; target 24 KiB)"
+# No panic path of the ELF may lie in pagedkv's core.
+./panics.sh "$elf" | tail -n 1
 set +e
 timeout 120 qemu-system-arm -cpu cortex-m3 -machine lm3s6965evb -nographic \
   -semihosting-config enable=on,target=native -kernel "$elf" 2>/dev/null | defmt-print -e "$elf"

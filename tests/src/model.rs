@@ -251,10 +251,11 @@ impl Model {
         }
     }
 
-    /// The first `prefix` tokens of base prompt `base` (any values: taken modulo).
+    /// The first `prefix` tokens of base prompt `base` (any values: taken
+    /// modulo the ranges the property test draws from).
     fn base(&self, base: u8, prefix: u8) -> Vec<u32> {
         let b = &self.bases[base as usize % 3];
-        b[..(prefix as usize % 64).min(b.len())].to_vec()
+        b[..(prefix as usize % 48).min(b.len())].to_vec()
     }
 
     fn pick(&self, k: u8) -> Option<SeqId> {
@@ -357,7 +358,7 @@ impl Model {
             } => {
                 let mut r = rng(seed);
                 let mut tokens = self.base(base, prefix);
-                tokens.extend((0..suffix % 16).map(|_| r()));
+                tokens.extend((0..suffix % 12).map(|_| r()));
                 let salt = salt_of(salt);
                 let pool = dev_pool(dev);
                 let available = self.cache.pool(pool)?.available();
@@ -401,9 +402,9 @@ impl Model {
             Op::AllocateLen { dev, len } => {
                 let a = self
                     .cache
-                    .allocate(dev_pool(dev), &Prompt::len(u32::from(len % 64)))?;
+                    .allocate(dev_pool(dev), &Prompt::len(u32::from(len % 40)))?;
                 // Unknown ids: the model still needs some; use a reserved range.
-                let tokens = (0..u32::from(len % 64)).map(|i| 1000 + i).collect();
+                let tokens = (0..u32::from(len % 40)).map(|i| 1000 + i).collect();
                 self.add_seq(
                     a.seq,
                     MSeq {
@@ -426,7 +427,7 @@ impl Model {
                     return Ok(());
                 };
                 let mut r = rng(seed);
-                let n = n % 16;
+                let n = n % 10;
                 let new: Vec<u32> = (0..n).map(|_| r()).collect();
                 let old_len = self.seqs[&seq].tokens.len();
                 let info = self.cache.info(seq)?;

@@ -88,3 +88,30 @@ fn cache_matches_model() {
         assert!(ops >= 1_000_000, "only {ops} operations");
     }
 }
+
+/// A short run from fixed bytes decoded as the fuzz target decodes its
+/// input (`arbitrary`), small enough for miri: CI runs it there to catch
+/// undefined behaviour and overflow in the core and its dependencies.
+#[test]
+fn short_seeded_run() {
+    use arbitrary::{Arbitrary, Unstructured};
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut u = Unstructured::new(&bytes);
+    let mut m = Model::new();
+    let mut n = 0;
+    while n < 120 {
+        let Ok(op) = Op::arbitrary(&mut u) else { break };
+        m.step(&op);
+        n += 1;
+    }
+    m.drain();
+    assert!(n >= 100, "only {n} operations decoded");
+}

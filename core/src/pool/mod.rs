@@ -487,7 +487,7 @@ impl<'a> BlockPool<'a> {
     }
 
     /// The key of block `i` leaves the index, and the event says so.
-    #[inline]
+    #[inline(never)]
     fn drop_key(&mut self, i: u32) {
         let Some(key) = self.at(i).map(BlockSlot::key) else {
             return;

@@ -1,0 +1,15 @@
+//! The manager's request sequences against the model of its property test
+//! (`pagedkv_tests::manager_model`): KV content of every block, prefix hits,
+//! cancelled calls, unknown ids, nothing held at the end.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pagedkv_tests::manager_model::{MOp, ManagerModel};
+
+fuzz_target!(|ops: Vec<MOp>| {
+    let mut m = ManagerModel::new();
+    for op in ops.iter().take(500) {
+        m.step(op);
+    }
+    m.drain();
+});
