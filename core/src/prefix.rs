@@ -113,8 +113,9 @@ impl<'a> PrefixIndex<'a> {
     #[inline]
     fn bucket(&self, b: usize) -> &[u32; WAYS] {
         self.table
-            .get(b * WAYS..)
-            .and_then(|t| t.first_chunk::<WAYS>())
+            .as_chunks::<WAYS>()
+            .0
+            .get(b)
             .unwrap_or(&EMPTY_BUCKET)
     }
 
