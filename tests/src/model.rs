@@ -286,6 +286,21 @@ impl Model {
         }
     }
 
+    /// A new sequence's `hits` leading blocks must already hold its KV;
+    /// the "kernel" computes the rest.
+    fn check_hits_then_write(&mut self, seq: SeqId, pool: PoolId, hits: u32) -> Result<(), Error> {
+        for i in 0..hits as usize {
+            let b = self.cache.table(seq)?[i];
+            assert_eq!(
+                self.mem.get(&(pool, b)),
+                Some(&self.expected(&self.seqs[&seq], i)),
+                "prefix hit returned a block with other content"
+            );
+        }
+        self.write_blocks(seq, hits as usize);
+        Ok(())
+    }
+
     fn check_seq(&self, seq: SeqId) {
         let s = &self.seqs[&seq];
         let info = self.cache.info(seq).unwrap();
@@ -385,17 +400,7 @@ impl Model {
                             lossy: false,
                         };
                         self.add_seq(a.seq, m);
-                        // Hits must already hold the right KV; the rest is computed now.
-                        for i in 0..a.hit_blocks as usize {
-                            let b = self.cache.table(a.seq)?[i];
-                            assert_eq!(
-                                self.mem.get(&(pool, b)),
-                                Some(&self.expected(&self.seqs[&a.seq], i)),
-                                "prefix hit returned a block with other content"
-                            );
-                        }
-                        self.write_blocks(a.seq, a.hit_blocks as usize);
-                        Ok(())
+                        self.check_hits_then_write(a.seq, pool, a.hit_blocks)
                     }
                 }
             }
@@ -745,16 +750,7 @@ impl Model {
                     lossy: false,
                 };
                 self.add_seq(a.seq, m);
-                for i in 0..a.hit_blocks as usize {
-                    let b = self.cache.table(a.seq)?[i];
-                    assert_eq!(
-                        self.mem.get(&(pool, b)),
-                        Some(&self.expected(&self.seqs[&a.seq], i)),
-                        "prefix hit by keys returned a block with other content"
-                    );
-                }
-                self.write_blocks(a.seq, a.hit_blocks as usize);
-                Ok(())
+                self.check_hits_then_write(a.seq, pool, a.hit_blocks)
             }
             Op::AllocateHost => {
                 let r = self.cache.allocate(HOST, &Prompt::ids(&[1, 2, 3, 4, 5]));

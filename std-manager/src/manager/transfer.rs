@@ -228,54 +228,61 @@ impl<B: ManagedBackend> KvManager<B> {
         Ok(())
     }
 
-    /// The pool and block of entry `index` of a request's table.
-    fn locate(&self, id: RequestId, index: usize) -> Result<(PoolId, BlockId)> {
-        let inner = lock(&self.shared.inner);
-        let st = inner
-            .reqs
-            .get(&id)
-            .ok_or(ManagerError::UnknownRequest(id))?;
-        let info = inner.cache.info(st.seq)?;
-        let table = inner.cache.table(st.seq)?;
-        let b = *table.get(index).ok_or(InvalidRequest::BlockIndex {
-            index,
-            blocks: table.len(),
-        })?;
-        Ok((info.pool, b))
-    }
-
-    /// Reads the bytes of block `index` of a request's table (tests and
-    /// checksums). The request must be on a device or the host tier.
-    pub fn read_block(&self, id: RequestId, index: usize) -> Result<Vec<u8>> {
-        let (pool, block) = self.locate(id, index)?;
+    /// Reads or writes block `index` of a request's table: `bytes` is
+    /// told the block's size first (reads size their buffer, writes check it).
+    fn block_io<'b>(
+        &self,
+        id: RequestId,
+        index: usize,
+        bytes: impl FnOnce(usize) -> Result<Bytes<'b>>,
+    ) -> Result<()> {
+        let (pool, block) = {
+            let inner = lock(&self.shared.inner);
+            let st = inner
+                .reqs
+                .get(&id)
+                .ok_or(ManagerError::UnknownRequest(id))?;
+            let info = inner.cache.info(st.seq)?;
+            let table = inner.cache.table(st.seq)?;
+            let b = *table.get(index).ok_or(InvalidRequest::BlockIndex {
+                index,
+                blocks: table.len(),
+            })?;
+            (info.pool, b)
+        };
         let mut dev = lock(&self.shared.dev);
         let DevSide { backend, mems, .. } = &mut *dev;
         let m = mems
             .get(self.shared.pools.mem(pool))
             .ok_or(pagedkv_core::Error::UnknownPool(pool))?;
-        let mut out = vec![0u8; m.layout.block_bytes()? as usize];
-        block_bytes(backend, m, block, Bytes::Read(&mut out))?;
+        let io = bytes(m.layout.block_bytes()? as usize)?;
+        block_bytes(backend, m, block, io)
+    }
+
+    /// Reads the bytes of block `index` of a request's table (tests and
+    /// checksums). The request must be on a device or the host tier.
+    pub fn read_block(&self, id: RequestId, index: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.block_io(id, index, |len| {
+            out.resize(len, 0);
+            Ok(Bytes::Read(&mut out))
+        })?;
         Ok(out)
     }
 
     /// Writes the bytes of block `index` of a request's table (what a kernel
     /// would do; tests use it to fill KV).
     pub fn write_block(&self, id: RequestId, index: usize, data: &[u8]) -> Result<()> {
-        let (pool, block) = self.locate(id, index)?;
-        let mut dev = lock(&self.shared.dev);
-        let DevSide { backend, mems, .. } = &mut *dev;
-        let m = mems
-            .get(self.shared.pools.mem(pool))
-            .ok_or(pagedkv_core::Error::UnknownPool(pool))?;
-        let want = m.layout.block_bytes()? as usize;
-        if data.len() != want {
-            return Err(InvalidRequest::BlockBytes {
-                got: data.len(),
-                want,
+        self.block_io(id, index, |want| {
+            if data.len() != want {
+                return Err(InvalidRequest::BlockBytes {
+                    got: data.len(),
+                    want,
+                }
+                .into());
             }
-            .into());
-        }
-        block_bytes(backend, m, block, Bytes::Write(data))
+            Ok(Bytes::Write(data))
+        })
     }
 }
 
