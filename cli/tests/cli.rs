@@ -437,3 +437,33 @@ fn the_default_load_is_memory_bound_not_compute_bound() {
         "{text}"
     );
 }
+
+/// Issue 8, defect 9: a request with `input_length` near `u32::MAX` sized
+/// the manager's tables by it (12.9 GB). Longer than the device, it is
+/// rejected before the manager, which is sized by what fits.
+#[test]
+fn a_huge_input_length_does_not_size_the_manager() {
+    let dir = std::env::temp_dir().join(format!("pagedkv-long-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let long = dir.join("long.jsonl");
+    std::fs::write(
+        &long,
+        "{\"timestamp\": 0, \"input_length\": 4294967000, \"output_length\": 5, \"hash_ids\": [1, 2]}\n\
+         {\"timestamp\": 9, \"input_length\": 900, \"output_length\": 5, \"hash_ids\": [1, 2]}\n",
+    )
+    .unwrap();
+    let args = [
+        "simulate",
+        "--trace",
+        long.to_str().unwrap(),
+        "--capacity-blocks",
+        "100",
+        "--json",
+    ];
+    let (code, err, took) = hostile(&args);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(took.as_secs_f64() < 5.0, "took {took:?}");
+    let v = json(&args[..5]);
+    assert_eq!(v["runs"][0]["rejected"], 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
