@@ -464,3 +464,32 @@ impl<H: BlockHasher> KvCache<'_, H> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_lists_only_real_copies() {
+        let b = |i| BlockId(i);
+        let (src, dst) = ([b(1), b(2), HOLE], [b(1), b(7), b(8)]);
+        let v = |same: bool| PlanView {
+            seq: None,
+            src_pool: PoolId(0),
+            dst_pool: PoolId(u16::from(!same)),
+            sources: &src,
+            targets: &dst,
+        };
+        // Same pool: a block kept in place is no copy; a HOLE source never is.
+        assert!(v(true).copies().eq([BlockCopy {
+            src: b(2),
+            dst: b(7)
+        }]));
+        assert_eq!(v(false).len(), 2);
+        let mut out = [BlockCopy {
+            src: b(0),
+            dst: b(0),
+        }; 1];
+        assert!(v(false).copies_into(&mut out).is_err());
+    }
+}

@@ -196,3 +196,43 @@ impl<'p, 'h, H: BlockHasher> KeyChain<'p, 'h, H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::SipBlockHasher;
+
+    #[test]
+    fn precomputed_keys_are_raw_unless_something_binds_them() {
+        let h = SipBlockHasher::new(*b"prompt-test-key!");
+        let keys = [BlockHash(5), BlockHash(5)];
+        let raw = Prompt::keys(&keys, 8);
+        let c = KeyChain::new(&h, &raw, 4, 2).unwrap();
+        assert_eq!(
+            (c.key(0, c.root()), c.key(1, BlockHash(5))),
+            (keys[0], keys[1])
+        );
+        assert!(!c.by_ids());
+        // Bound: a salt (or adapter) makes every key a chained keyed hash,
+        // so equal raw keys at two positions differ, and tenants differ.
+        for bound in [raw.with_salt(CacheSalt(1)), raw.with_adapter(3)] {
+            let c = KeyChain::new(&h, &bound, 4, 2).unwrap();
+            let k0 = c.key(0, c.root());
+            let k1 = c.key(1, k0);
+            assert!(k0 != keys[0] && k1 != k0);
+        }
+        let other = KeyChain::new(&h, &raw.with_salt(CacheSalt(2)), 4, 2).unwrap();
+        let mine = KeyChain::new(&h, &raw.with_salt(CacheSalt(1)), 4, 2).unwrap();
+        assert_ne!(other.key(0, other.root()), mine.key(0, mine.root()));
+        // More keys than full blocks: refused.
+        assert_eq!(
+            KeyChain::new(&h, &raw, 4, 1).err(),
+            Some(Error::TooManyKeys {
+                keys: 2,
+                full_blocks: 1
+            })
+        );
+        let len = Prompt::len(9);
+        assert_eq!(KeyChain::new(&h, &len, 4, 2).unwrap().matchable(), 0);
+    }
+}

@@ -194,3 +194,54 @@ impl<H: BlockHasher> KvCache<'_, H> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BlockPool, CacheConfig, PoolConfig, Prompt, SipBlockHasher};
+
+    fn cache() -> KvCache<'static, SipBlockHasher> {
+        let cfg = CacheConfig {
+            tokens_per_block: 4,
+            max_seqs: 4,
+            max_blocks_per_seq: 8,
+            max_plans: 2,
+        };
+        let mut c = KvCache::with_config(cfg, SipBlockHasher::new([1; 16])).unwrap();
+        c.add_pool(BlockPool::with_capacity(PoolConfig::device(0, 4), 8).unwrap())
+            .unwrap();
+        c.add_pool(BlockPool::with_capacity(PoolConfig::host(1, 4), 8).unwrap())
+            .unwrap();
+        c
+    }
+
+    #[test]
+    fn offload_skips_what_it_is_told_and_nothing_to_do_is_none() {
+        let (dev, host) = (PoolId(0), PoolId(1));
+        let mut c = cache();
+        assert_eq!(
+            c.offload(dev, host, 4, |_| false),
+            Ok(None),
+            "nothing cached"
+        );
+        assert_eq!(c.offload(dev, dev, 4, |_| false), Err(Error::SamePool(dev)));
+        let toks: [u32; 12] = core::array::from_fn(|i| i as u32);
+        let a = c.allocate(dev, &Prompt::ids(&toks)).unwrap().seq;
+        c.free(a).unwrap();
+        let first = c.pool(dev).unwrap().eviction_order().next().unwrap();
+        let skip = c.pool(dev).unwrap().key_of(first).unwrap().unwrap();
+        let p = c.offload(dev, host, 8, |k| k == skip).unwrap().unwrap();
+        assert_eq!(c.plan(p).unwrap().len(), 2, "three cached, one skipped");
+        assert!(c.plan(p).unwrap().copies().all(|cp| cp.src != first));
+        c.commit(p).unwrap();
+        // The chain's head left the device: no hit there. What the host
+        // holds already is not offloaded again.
+        let again = c.allocate(dev, &Prompt::ids(&toks)).unwrap();
+        assert_eq!(again.hit_blocks, 0);
+        c.free(again.seq).unwrap();
+        let p = c.offload(dev, host, 8, |_| false).unwrap().unwrap();
+        assert_eq!(c.plan(p).unwrap().len(), 1, "only the block the host lacks");
+        c.abort(p).unwrap();
+        c.check_invariants().unwrap();
+    }
+}

@@ -8,14 +8,14 @@ use pagedkv_core::{Backend, MemoryKind, RegionDesc};
 use crate::region::{Stamp, region_len};
 use crate::{HostError, HostFence, HostRegion, REGION_ALIGN};
 
-/// Memory kinds tracked: host, pinned host, and devices `0..MAX_DEVICES`.
-pub(crate) const MAX_DEVICES: usize = 16;
+/// Simulated devices whose bytes are counted (and limited): `Device(0..16)`.
+pub(crate) const SIMULATED_DEVICES: usize = 16;
 
 pub(crate) fn kind_slot(m: MemoryKind) -> Result<usize, HostError> {
     match m {
         MemoryKind::Host => Ok(0),
         MemoryKind::PinnedHost => Ok(1),
-        MemoryKind::Device(d) if (d as usize) < MAX_DEVICES => Ok(2 + d as usize),
+        MemoryKind::Device(d) if (d as usize) < SIMULATED_DEVICES => Ok(2 + d as usize),
         MemoryKind::Device(_) => Err(HostError::unsupported("simulated device id past 15")),
     }
 }
@@ -25,8 +25,8 @@ pub(crate) fn kind_slot(m: MemoryKind) -> Result<usize, HostError> {
 #[derive(Debug)]
 pub struct HostBackend {
     stamp: Stamp,
-    limits: [u64; 2 + MAX_DEVICES],
-    used: [u64; 2 + MAX_DEVICES],
+    limits: [u64; 2 + SIMULATED_DEVICES],
+    used: [u64; 2 + SIMULATED_DEVICES],
 }
 
 impl Default for HostBackend {
@@ -40,8 +40,8 @@ impl HostBackend {
     pub fn new() -> Self {
         Self {
             stamp: Stamp::new(),
-            limits: [u64::MAX; 2 + MAX_DEVICES],
-            used: [0; 2 + MAX_DEVICES],
+            limits: [u64::MAX; 2 + SIMULATED_DEVICES],
+            used: [0; 2 + SIMULATED_DEVICES],
         }
     }
 
