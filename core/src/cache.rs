@@ -98,6 +98,9 @@ pub struct SeqSlot {
     pub(crate) lossy: bool,
     pub(crate) pool: u16,
     pub(crate) tokens: u32,
+    /// Lookahead slots reserved past `tokens` (see `KvCache::reserve`).
+    pub(crate) reserve: u32,
+    /// Table length: the blocks of `tokens + reserve`.
     pub(crate) blocks: u32,
     pub(crate) first_live: u32,
     /// Leading blocks whose keys are known (`tip` is the last one's).
@@ -118,6 +121,7 @@ impl SeqSlot {
         lossy: false,
         pool: 0,
         tokens: 0,
+        reserve: 0,
         blocks: 0,
         first_live: 0,
         keyed_blocks: 0,
@@ -421,6 +425,7 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         Ok(SeqInfo {
             pool: PoolId(s.pool),
             tokens: s.tokens,
+            reserved: s.reserve,
             blocks: s.blocks,
             first_live: s.first_live,
             moving: s.plan != NIL,
@@ -464,7 +469,10 @@ pub struct SeqInfo {
     pub pool: PoolId,
     /// Tokens.
     pub tokens: u32,
-    /// Table length (including holes left by a sliding window).
+    /// Lookahead slots reserved past the tokens.
+    pub reserved: u32,
+    /// Table length (including holes left by a sliding window, and the
+    /// blocks of reserved slots).
     pub blocks: u32,
     /// First table entry that is not a hole.
     pub first_live: u32,

@@ -91,12 +91,17 @@ impl<H: BlockHasher> KvCache<'_, H> {
         Ok(freed)
     }
 
-    /// A child sharing every block of `parent` (parallel sampling, beam
-    /// search). The first append to a shared, partly filled last block copies
+    /// A child sharing every written block of `parent` (parallel sampling,
+    /// beam search; not its reserved lookahead slots). The first append to a shared, partly filled last block copies
     /// it (copy-on-write). O(blocks).
     pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
         let (s, pi) = self.active(parent)?;
-        let s = *s;
+        // The child shares the written blocks, not the parent's lookahead.
+        let s = SeqSlot {
+            reserve: 0,
+            blocks: self.blocks_for(u64::from(s.tokens)) as u32,
+            ..*s
+        };
         let ci = self.seqs.vacant().ok_or(Error::TooManySequences {
             capacity: self.seqs.capacity(),
         })?;
@@ -195,7 +200,8 @@ impl<H: BlockHasher> KvCache<'_, H> {
         );
         if rem > 0 {
             // The partial block's tokens are known only if it is the source's partial block.
-            if hashing && k == s.blocks && s.tokens % bs != 0 {
+            let written = s.tokens / bs + u32::from(s.tokens % bs != 0);
+            if hashing && k == written && s.tokens % bs != 0 {
                 let tw = bs.get() as usize;
                 copy_rows(
                     &mut self.pending,

@@ -27,7 +27,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let bs = self.bs;
         for (idx, s) in self.seqs.iter() {
             ensure(
-                u64::from(s.blocks) == self.blocks_for(u64::from(s.tokens)),
+                u64::from(s.blocks) == self.blocks_for(u64::from(s.tokens) + u64::from(s.reserve)),
                 "table length vs tokens",
                 Some(idx),
             )?;

@@ -265,10 +265,14 @@ impl<H: BlockHasher> KvCache<'_, H> {
         }
         let n = (s.blocks - s.first_live) as usize;
         let online = self.pools.get(src).map_or(0, BlockPool::capacity);
-        // Positions that move: all, those out of service, or the last.
+        let partial = self
+            .partial_block(&s)
+            .and_then(|k| k.checked_sub(s.first_live))
+            .map(|k| k as usize);
+        // Positions that move: all, those out of service, or the partial one.
         let moving = |k: usize, b: BlockId| match kind {
             PlanKind::Relocate => b.0 >= online,
-            PlanKind::Cow => k + 1 == n,
+            PlanKind::Cow => Some(k) == partial,
             _ => true,
         };
         let live = row_of(&self.tables, id.index, self.width)

@@ -23,6 +23,8 @@ pub struct Allocated {
     pub hit_blocks: u32,
     /// Tokens covered by those blocks.
     pub hit_tokens: u32,
+    /// Tokens placed (the whole prompt, or its hits and one chunk).
+    pub tokens: u32,
 }
 
 /// Result of [`KvCache::append`].
@@ -56,16 +58,29 @@ impl<H: BlockHasher> KvCache<'_, H> {
     /// All or nothing: a refusal leaves every pool exactly as it was (its
     /// eviction order included). O(blocks) plus one hash per full block.
     pub fn allocate(&mut self, pool: PoolId, prompt: &Prompt<'_>) -> Result<Allocated> {
+        self.allocate_chunk(pool, prompt, u32::MAX)
+    }
+
+    /// [`allocate`](Self::allocate) for chunked prefill: the prefix cache is
+    /// matched over the whole prompt, but only its hits and at most `chunk`
+    /// more tokens are placed now ([`Allocated::tokens`]); the rest follows
+    /// by [`append`](Self::append) (with the prompt's ids, so its full blocks
+    /// are still published). The whole prompt must fit a table row and the pool.
+    pub fn allocate_chunk(
+        &mut self,
+        pool: PoolId,
+        prompt: &Prompt<'_>,
+        chunk: u32,
+    ) -> Result<Allocated> {
         let pi = self.pool_index(pool)?;
         if self.pools.get(pi).map(|p| p.kind()) != Some(PoolKind::Device) {
             return Err(Error::NotADevicePool(pool));
         }
-        let bs = self.bs.get();
-        let len = prompt.token_len()?;
-        let nblocks = self.blocks_for(u64::from(len));
-        self.check_table_fits(nblocks, pi)?;
-        let nblocks = nblocks as u32;
-        let full = len / self.bs;
+        let nz = self.bs;
+        let bs = nz.get();
+        let prompt_len = prompt.token_len()?;
+        self.check_table_fits(self.blocks_for(u64::from(prompt_len)), pi)?;
+        let full = prompt_len / self.bs;
         let si = self.seqs.vacant().ok_or(Error::TooManySequences {
             capacity: self.seqs.capacity(),
         })?;
@@ -80,7 +95,6 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let chain = KeyChain::new(&*hasher, prompt, bs, full)?;
         let p = pools.get_mut(pi).ok_or(Error::UnknownPool(pool))?;
         let row = row_of_mut(tables, si, *width);
-        let row = row.get_mut(..nblocks as usize).unwrap_or(&mut []);
 
         // Pass 1: pin each hit until the first miss (a key repeated within
         // the prompt counts as a miss): the pool's `available` is then exact.
@@ -104,6 +118,11 @@ impl<H: BlockHasher> KvCache<'_, H> {
                 }
             }
         }
+        // What is placed now: the hits, and up to `chunk` more tokens.
+        let len = prompt_len.min((hits * bs).saturating_add(chunk));
+        let nblocks = (len / nz + u32::from(len % nz != 0)).max(hits);
+        let placed_full = len / nz;
+        let row = row.get_mut(..nblocks as usize).unwrap_or(&mut []);
         let (hit_row, fresh_row) = row
             .split_at_mut_checked(hits as usize)
             .unwrap_or((&mut [], &mut []));
@@ -122,7 +141,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         p.allocate(fresh_row)?;
         let mut keyed = hits;
         let mut next_key = first_miss;
-        while keyed < chain.matchable() {
+        while keyed < chain.matchable().min(placed_full) {
             let key = next_key.take().unwrap_or_else(|| chain.key(keyed, tip));
             let parent = (keyed > 0).then_some(tip);
             if let Some(&b) = hit_row
@@ -143,7 +162,9 @@ impl<H: BlockHasher> KvCache<'_, H> {
         }
         // Tokens of the partly filled last block, for hashing it once it fills.
         if let crate::prompt::PromptTokens::Ids(ids) = prompt.tokens {
-            let rem = ids.get((full * bs) as usize..).unwrap_or(&[]);
+            let rem = ids
+                .get((placed_full * bs) as usize..len as usize)
+                .unwrap_or(&[]);
             for (d, s) in row_of_mut(pending, si, bs as usize).iter_mut().zip(rem) {
                 *d = *s;
             }
@@ -154,7 +175,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let mm_past = prompt
             .mm
             .iter()
-            .any(|m| u64::from(m.offset) + u64::from(m.len) > u64::from(full * bs));
+            .any(|m| u64::from(m.offset) + u64::from(m.len) > u64::from(placed_full * bs));
         let slot = SeqSlot {
             hashing: chain.by_ids() && !mm_past,
             pool: pool.0,
@@ -173,6 +194,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
             seq: SeqId { index, generation },
             hit_blocks: hits,
             hit_tokens: hits * bs,
+            tokens: len,
         })
     }
 
@@ -189,12 +211,19 @@ impl<H: BlockHasher> KvCache<'_, H> {
 
     fn needs(&self, index: u32, s: &SeqSlot, pi: usize, n: u32) -> Result<AppendNeeds> {
         let new_len = s.tokens.checked_add(n).ok_or(Error::LengthOverflow)?;
-        let new_blocks = self.blocks_for(u64::from(new_len));
+        // Appended tokens take reserved (lookahead) slots first.
+        let reserve = s.reserve.saturating_sub(n);
+        let new_blocks = self.blocks_for(u64::from(new_len) + u64::from(reserve));
         self.check_table_fits(new_blocks, pi)?;
         Ok(AppendNeeds {
-            new_blocks: new_blocks as u32 - s.blocks,
+            new_blocks: (new_blocks as u32).saturating_sub(s.blocks),
             cow: n > 0 && self.last_needs_copy(index, s, pi)?,
         })
+    }
+
+    /// The table index of the partly filled block the next token goes into.
+    pub(crate) fn partial_block(&self, s: &SeqSlot) -> Option<u32> {
+        (s.tokens % self.bs != 0).then(|| s.tokens / self.bs)
     }
 
     /// Whether the partly filled last block of `s` may not be written in
@@ -202,10 +231,10 @@ impl<H: BlockHasher> KvCache<'_, H> {
     /// shorter sequence may hold a prefix of a full, registered block after
     /// `share_prefix`).
     pub(crate) fn last_needs_copy(&self, index: u32, s: &SeqSlot, pi: usize) -> Result<bool> {
-        if s.blocks <= s.first_live || s.tokens % self.bs == 0 {
+        let Some(k) = self.partial_block(s).filter(|&k| k >= s.first_live) else {
             return Ok(false);
-        }
-        let Some(&b) = self.row(index).get(s.blocks as usize - 1) else {
+        };
+        let Some(&b) = self.row(index).get(k as usize) else {
             return Ok(false);
         };
         let p = self
@@ -239,6 +268,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let (s, pi) = self.active(id)?;
         let s = *s;
         let needs = self.needs(id.index, &s, pi, n)?;
+        let partial = self.partial_block(&s);
         let self_bs = self.bs;
         let bs = self_bs.get();
         let Self {
@@ -262,7 +292,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
             });
         }
         let row = row_of_mut(tables, id.index, *width);
-        let cow = match row.get_mut(s.blocks.wrapping_sub(1) as usize) {
+        let cow = match partial.and_then(|k| row.get_mut(k as usize)) {
             Some(last) if needs.cow => {
                 let src = *last;
                 let dst = p.allocate_one()?;
@@ -278,6 +308,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         }
         let mut slot = s;
         slot.tokens += n;
+        slot.reserve = s.reserve.saturating_sub(n);
         slot.blocks += needs.new_blocks;
         // Hash and register blocks as they fill.
         match tokens {
@@ -317,5 +348,48 @@ impl<H: BlockHasher> KvCache<'_, H> {
             cow,
             window_freed,
         })
+    }
+
+    /// Reserves slots for `tokens` tokens past the sequence's end (lookahead
+    /// for speculative decoding: the engine writes draft tokens' KV there),
+    /// allocating blocks as needed; appended tokens use them first. A smaller
+    /// reservation releases the trailing blocks it no longer needs (never one
+    /// holding a written token). All or nothing. Returns the blocks added
+    /// (positive) or released (negative).
+    pub fn reserve(&mut self, id: SeqId, tokens: u32) -> Result<i64> {
+        let (s, pi) = self.active(id)?;
+        let s = *s;
+        let end = u64::from(s.tokens) + u64::from(tokens);
+        if end > u64::from(u32::MAX) {
+            return Err(Error::LengthOverflow);
+        }
+        let target = self.blocks_for(end);
+        self.check_table_fits(target, pi)?;
+        let target = target as u32;
+        let p = self
+            .pools
+            .get_mut(pi)
+            .ok_or(Error::UnknownPool(PoolId(s.pool)))?;
+        let row = row_of_mut(&mut self.tables, id.index, self.width);
+        if target > s.blocks {
+            let fresh = row
+                .get_mut(s.blocks as usize..target as usize)
+                .unwrap_or(&mut []);
+            p.allocate(fresh)?;
+        } else {
+            for &b in row
+                .get(target as usize..s.blocks as usize)
+                .unwrap_or(&[])
+                .iter()
+                .rev()
+            {
+                p.release(b)?;
+            }
+        }
+        if let Some(e) = self.seqs.at_mut(id.index) {
+            e.reserve = tokens;
+            e.blocks = target;
+        }
+        Ok(i64::from(target) - i64::from(s.blocks))
     }
 }

@@ -167,8 +167,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let mut needed = 0usize;
         for &(s, n) in seqs {
             let info = self.info(s)?;
-            if n > info.tokens || info.tokens - n < info.first_live * self.config().tokens_per_block
-            {
+            if n > info.tokens || info.tokens - n < info.first_live * self.bs.get() {
                 return Err(Error::TooManyTokens {
                     requested: u64::from(n),
                     available: info.tokens,
@@ -177,21 +176,50 @@ impl<H: BlockHasher> KvCache<'_, H> {
             needed += n as usize;
         }
         check_out(needed, out.len())?;
-        let bs = self.bs;
-        let mut slots = out.iter_mut();
         let mut k = 0;
         for &(s, n) in seqs {
             let info = self.info(s)?;
-            let t = self.table(s)?;
-            for pos in info.tokens - n..info.tokens {
-                let b = t.get((pos / bs) as usize).copied().unwrap_or(HOLE);
-                if let Some(o) = slots.next() {
-                    *o = i64::from(b.0) * i64::from(bs.get()) + i64::from(pos % bs);
-                    k += 1;
-                }
-            }
+            let rest = out.get_mut(k..).unwrap_or(&mut []);
+            k += self.export_slots(s, info.tokens - n, n, rest)?;
         }
         Ok(k)
+    }
+
+    /// The slots (`block × tokens_per_block + offset`) of token positions
+    /// `first..first + count` of `seq`, which may reach into its reserved
+    /// lookahead slots (the draft tokens of a speculative step). Returns the
+    /// entries written; nothing is written unless every position is live.
+    pub fn export_slots(
+        &self,
+        seq: SeqId,
+        first: u32,
+        count: u32,
+        out: &mut [i64],
+    ) -> Result<usize> {
+        let info = self.info(seq)?;
+        let end = u64::from(first) + u64::from(count);
+        let bs = self.bs;
+        let live_from = u64::from(info.first_live) * u64::from(bs.get());
+        if end > u64::from(info.tokens) + u64::from(info.reserved) || u64::from(first) < live_from {
+            return Err(Error::TooManyTokens {
+                requested: end,
+                available: info.tokens.saturating_add(info.reserved),
+            });
+        }
+        check_out(count as usize, out.len())?;
+        let t = self.table(seq)?;
+        let mut k = 0;
+        for (pos, o) in (first..first + count).zip(out.iter_mut()) {
+            let b = t.get((pos / bs) as usize).copied().unwrap_or(HOLE);
+            *o = i64::from(b.0) * i64::from(bs.get()) + i64::from(pos % bs);
+            k += 1;
+        }
+        Ok(k)
+    }
+
+    /// Blocks holding written tokens (the table without reserved slots).
+    fn written_blocks(&self, info: &crate::SeqInfo) -> u32 {
+        info.tokens / self.bs + u32::from(info.tokens % self.bs != 0)
     }
 
     /// FlashInfer-style paged KV indices: `indptr` (`seqs.len() + 1`),
@@ -209,7 +237,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let mut total = 0usize;
         for &s in seqs {
             let info = self.info(s)?;
-            total += (info.blocks - info.first_live) as usize;
+            total += (self.written_blocks(&info) - info.first_live) as usize;
         }
         check_out(total, indices.len())?;
         let i32_of = |x: usize| i32::try_from(x).map_err(|_| Error::LengthOverflow);
@@ -223,9 +251,10 @@ impl<H: BlockHasher> KvCache<'_, H> {
         }
         for ((&s, p), last) in seqs.iter().zip(ptr).zip(last_page_len.iter_mut()) {
             let info = self.info(s)?;
-            for &b in self
-                .table(s)?
-                .get(info.first_live as usize..)
+            let pages = self.written_blocks(&info);
+            let t = self.table(s)?;
+            for &b in t
+                .get(info.first_live as usize..pages as usize)
                 .unwrap_or(&[])
             {
                 if let Some(o) = idx.next() {
@@ -234,10 +263,10 @@ impl<H: BlockHasher> KvCache<'_, H> {
                 }
             }
             *p = i32_of(k)?;
-            *last = if info.blocks == 0 {
+            *last = if pages == 0 {
                 0
             } else {
-                i32_of((info.tokens - (info.blocks - 1) * bs) as usize)?
+                i32_of((info.tokens - (pages - 1) * bs) as usize)?
             };
         }
         Ok(k)

@@ -123,6 +123,18 @@ pub enum Op {
     },
     /// Allocation in the host pool: refused.
     AllocateHost,
+    /// Chunked prefill: the prompt matched whole, placed up to a chunk.
+    AllocateChunk {
+        dev: u8,
+        base: u8,
+        prefix: u8,
+        chunk: u8,
+    },
+    /// Lookahead slots reserved (or released) past a sequence's end.
+    Reserve {
+        pick: u8,
+        n: u8,
+    },
     /// Copy-on-write ahead of an append, as a plan.
     Cow {
         pick: u8,
@@ -306,7 +318,13 @@ impl Model {
         let info = self.cache.info(seq).unwrap();
         assert_eq!(info.tokens as usize, s.tokens.len());
         let table = self.cache.table(seq).unwrap();
-        for (i, &b) in table.iter().enumerate().skip(info.first_live as usize) {
+        let written = s.tokens.len().div_ceil(BS as usize);
+        for (i, &b) in table
+            .iter()
+            .enumerate()
+            .take(written)
+            .skip(info.first_live as usize)
+        {
             let want = self.expected(s, i);
             let got = self.mem.get(&(info.pool, b));
             assert!(
@@ -593,9 +611,16 @@ impl Model {
                 let copies: Vec<_> = view.copies().collect();
                 let (sp, dp, seq) = (view.src_pool, view.dst_pool, view.seq);
                 for c in copies {
-                    let mut v = self.mem.get(&(sp, c.src)).cloned().expect("source has KV");
-                    v.lossy |= lossy;
-                    self.mem.insert((dp, c.dst), v);
+                    // A reserved (lookahead) block holds no KV yet.
+                    match self.mem.get(&(sp, c.src)).cloned() {
+                        Some(mut v) => {
+                            v.lossy |= lossy;
+                            self.mem.insert((dp, c.dst), v);
+                        }
+                        None => {
+                            self.mem.remove(&(dp, c.dst));
+                        }
+                    }
                 }
                 self.cache.commit(p)?;
                 if let (true, Some(seq)) = (lossy, seq) {
@@ -751,6 +776,55 @@ impl Model {
                 };
                 self.add_seq(a.seq, m);
                 self.check_hits_then_write(a.seq, pool, a.hit_blocks)
+            }
+            Op::AllocateChunk {
+                dev,
+                base,
+                prefix,
+                chunk,
+            } => {
+                let tokens = self.base(base, prefix);
+                let pool = dev_pool(dev);
+                let a = match self.cache.allocate_chunk(
+                    pool,
+                    &Prompt::ids(&tokens),
+                    u32::from(chunk % 12),
+                ) {
+                    Err(e @ (Error::OutOfBlocks { .. } | Error::TooManySequences { .. })) => {
+                        return Err(e);
+                    }
+                    Err(e) => panic!("unexpected {e}"),
+                    Ok(a) => a,
+                };
+                assert!(a.tokens >= a.hit_tokens && a.tokens as usize <= tokens.len());
+                assert!(a.tokens <= a.hit_tokens + u32::from(chunk % 12));
+                let m = MSeq {
+                    salt: None,
+                    tokens: tokens[..a.tokens as usize].to_vec(),
+                    lossy: false,
+                };
+                self.add_seq(a.seq, m);
+                self.check_hits_then_write(a.seq, pool, a.hit_blocks)
+            }
+            Op::Reserve { pick, n } => {
+                let Some(seq) = self.pick(pick) else {
+                    return Ok(());
+                };
+                let n = u32::from(n % 9);
+                match self.cache.reserve(seq, n) {
+                    Ok(_) => {
+                        let info = self.cache.info(seq)?;
+                        assert_eq!(info.reserved, n);
+                        Ok(())
+                    }
+                    Err(
+                        e @ (Error::OutOfBlocks { .. }
+                        | Error::SequenceBusy(_)
+                        | Error::SequenceSwappedOut(_)
+                        | Error::SequenceTooLong { .. }),
+                    ) => Err(e),
+                    Err(e) => panic!("unexpected {e}"),
+                }
             }
             Op::AllocateHost => {
                 let r = self.cache.allocate(HOST, &Prompt::ids(&[1, 2, 3, 4, 5]));

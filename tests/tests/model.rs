@@ -35,6 +35,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..2u8, 0..3u8, 0..3u8, 0..48u8, prop::option::weighted(0.3, (any::<u8>(), any::<u8>())))
             .prop_map(|(dev, salt, base, prefix, dup)| Op::AllocateKeys { dev, salt, base, prefix, dup }),
         1 => Just(Op::AllocateHost),
+        2 => (0..2u8, 0..3u8, 0..48u8, 0..12u8).prop_map(|(dev, base, prefix, chunk)| Op::AllocateChunk { dev, base, prefix, chunk }),
+        2 => (any::<u8>(), 0..9u8).prop_map(|(pick, n)| Op::Reserve { pick, n }),
         2 => any::<u8>().prop_map(|pick| Op::Cow { pick }),
         1 => any::<u8>().prop_map(|pick| Op::SwapOutLossy { pick }),
         1 => (any::<u8>(), 0..2u8).prop_map(|(pick, dev)| Op::SwapInLossy { pick, dev }),
