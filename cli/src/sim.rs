@@ -35,10 +35,11 @@ use std::task::{Context, Poll, Waker};
 use anyhow::{Result, bail};
 use pagedkv_core::KvLayout;
 use pagedkv_manager::{
-    AdvancedKvCacheManager, AllocationRequest, CacheEvictionPolicy, CostAwareEvictionPolicy,
-    Device, InvalidRequest, KvCacheManager, KvManager, LfuEvictionPolicy, LruEvictionPolicy,
-    ManagedBackend, ManagerConfig, ManagerError, MultiDeviceCacheManager, PrefixCacheConfig,
-    Priority, PriorityEvictionPolicy, RequestId,
+    AdvancedKvCacheManager, Allocation, AllocationRequest, CacheEvictionPolicy,
+    CostAwareEvictionPolicy, Device, ExtendItem, InvalidRequest, KvCacheManager, KvManager,
+    LfuEvictionPolicy, LruEvictionPolicy, ManagedBackend, ManagerConfig, ManagerError,
+    MultiDeviceCacheManager, PreemptionPolicy, PrefixCacheConfig, Priority, PriorityEvictionPolicy,
+    RequestId,
 };
 use serde::Serialize;
 
@@ -182,6 +183,9 @@ pub struct RunResult {
     pub swap_outs: u64,
     /// Sequences swapped back.
     pub swap_ins: u64,
+    /// Requests the manager preempted (swapped to the host tier) to make
+    /// room, as its answers reported them.
+    pub preemptions: u64,
     /// Preemptions that dropped a sequence for recomputation.
     pub recomputes: u64,
     /// Requests a real server would reject (larger than the device).
@@ -404,6 +408,9 @@ pub fn manager_config(w: &Workload, cfg: &SimConfig) -> ManagerConfig {
     c.max_sequences = max_sequences(cfg);
     c.hash_key = Some(*b"pagedkv-simulate");
     c.target_devices = vec![Device::Gpu(0)];
+    // The replay compares the manager's preemption policies (`--preempt`):
+    // the manager preempts, and reports each preemption in its answers.
+    c.preemption = PreemptionPolicy::Automatic;
     c
 }
 
@@ -446,7 +453,9 @@ fn rejected(e: &ManagerError, alone: bool) -> bool {
     match e {
         ManagerError::Core(Core::LargerThanPool { .. } | Core::SequenceTooLong { .. }) => true,
         ManagerError::InvalidRequest(InvalidRequest::TooLong { .. }) => true,
-        ManagerError::OutOfMemory { .. } | ManagerError::Core(Core::OutOfBlocks { .. }) => alone,
+        ManagerError::OutOfMemory { .. }
+        | ManagerError::NoRoom { .. }
+        | ManagerError::Core(Core::OutOfBlocks { .. }) => alone,
         _ => false,
     }
 }
@@ -460,22 +469,27 @@ fn utilization<B: ManagedBackend>(m: &KvManager<B>) -> f64 {
     }
 }
 
-fn hits_of<B: ManagedBackend>(m: &KvManager<B>) -> u64 {
-    let s = m.stats();
-    s.device_hit_blocks + s.host_hit_blocks
-}
-
 /// Per-run tallies over every request (accepted or rejected).
 #[derive(Default)]
 struct Tally {
     query_blocks: u64,
     hit_blocks: u64,
+    device_hits: u64,
+    host_hits: u64,
+    preemptions: u64,
     hit_tokens: u64,
     query_tokens: u64,
 }
 
 impl Tally {
-    fn request(&mut self, r: &Request, hit_blocks: u64, bs: u32) {
+    /// A request done: its prefix hits as the allocation answered them.
+    fn request(&mut self, r: &Request, a: Option<&Allocation>, bs: u32) {
+        let (device, host) = a.map_or((0, 0), |a| {
+            (u64::from(a.device_hit_blocks), u64::from(a.host_hit_blocks))
+        });
+        let hit_blocks = device + host;
+        self.device_hits += device;
+        self.host_hits += host;
         self.query_blocks += r.keys.len() as u64;
         self.hit_blocks += hit_blocks;
         self.hit_tokens += hit_tokens(r, hit_blocks, bs);
@@ -498,8 +512,9 @@ fn finish<B: ManagedBackend>(
 ) -> RunResult {
     let s = m.stats();
     res.query_blocks = t.query_blocks;
-    res.device_hit_blocks = s.device_hit_blocks;
-    res.host_hit_blocks = s.host_hit_blocks;
+    res.device_hit_blocks = t.device_hits;
+    res.host_hit_blocks = t.host_hits;
+    res.preemptions = t.preemptions;
     res.block_hit_ratio = t.ratio();
     res.token_hit_ratio = if t.query_tokens == 0 {
         0.0
@@ -552,16 +567,16 @@ pub fn sequential<B: ManagedBackend>(
         let reject = |res: &mut RunResult, t: &mut Tally| {
             res.rejected += 1;
             res.rejected_blocks += r.keys.len() as u64;
-            t.request(r, 0, bs);
+            t.request(r, None, bs);
         };
         if !cfg.fits(r, bs) {
             reject(&mut res, &mut t);
             continue;
         }
-        let before = hits_of(m);
-        match block_on(m.allocate(&request_for(r, i as u64, cfg, bs))) {
-            Ok(_h) => {
-                t.request(r, hits_of(m) - before, bs);
+        match block_on(m.allocate_request(&request_for(r, i as u64, cfg, bs))) {
+            Ok(a) => {
+                t.request(r, Some(&a), bs);
+                t.preemptions += a.preempted.len() as u64;
                 let util = utilization(m);
                 block_on(m.deallocate(RequestId(i as u64)))?;
                 samples.push(Sample {
@@ -624,7 +639,7 @@ pub fn timed<B: ManagedBackend>(
                 // Larger than the device: a real server refuses it.
                 res.rejected += 1;
                 res.rejected_blocks += r.keys.len() as u64;
-                t.request(r, 0, bs);
+                t.request(r, None, bs);
                 done += 1;
                 progress(1);
             }
@@ -651,12 +666,12 @@ pub fn timed<B: ManagedBackend>(
             }
             let id = next_id;
             next_id += 1;
-            let before = hits_of(m);
-            match block_on(m.allocate(&request_for(r, id, cfg, bs))) {
-                Ok(_h) => {
-                    let h = hits_of(m) - before;
-                    t.request(r, h, bs);
-                    prefill_tokens += r.prompt_len(bs) - hit_tokens(r, h, bs);
+            match block_on(m.allocate_request(&request_for(r, id, cfg, bs))) {
+                Ok(a) => {
+                    t.request(r, Some(&a), bs);
+                    t.preemptions += a.preempted.len() as u64;
+                    // The engine skips the prefill of the computed tokens.
+                    prefill_tokens += r.prompt_len(bs) - a.computed_tokens as u64;
                     delays.push(now - r.arrival_s);
                     waiting.pop_front();
                     running.push(Running {
@@ -669,7 +684,7 @@ pub fn timed<B: ManagedBackend>(
                 Err(e) if rejected(&e, running.is_empty()) => {
                     res.rejected += 1;
                     res.rejected_blocks += r.keys.len() as u64;
-                    t.request(r, 0, bs);
+                    t.request(r, None, bs);
                     waiting.pop_front();
                     done += 1;
                     progress(1);
@@ -706,12 +721,16 @@ pub fn timed<B: ManagedBackend>(
                 .output
                 .as_ref()
                 .and_then(|o| o.get(running[i].decoded as usize).copied());
-            let ext = match tok {
-                Some(t) => block_on(m.extend_tokens(id, &[t])),
-                None => block_on(m.extend(id, 1)),
+            let tokens = tok.as_ref().map(std::slice::from_ref);
+            let item = ExtendItem {
+                request: id,
+                tokens,
+                count: 1,
+                lookahead: 0,
             };
-            match ext {
-                Ok(()) => {
+            match block_on(m.extend_request(item)) {
+                Ok(x) => {
+                    t.preemptions += x.preempted.len() as u64;
                     active += 1;
                     progressed = true;
                     running[i].decoded += 1;

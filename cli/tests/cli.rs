@@ -103,6 +103,9 @@ fn default_workload_summary_is_consistent() {
             "token hit ratio {t} outside (0, {ideal_t}]"
         );
         assert_eq!(r["leaked_sequences"], 0, "a sequence leaked");
+        // The replay swaps out only when the manager preempts, and every
+        // preemption is reported in an answer.
+        assert_eq!(r["preemptions"], r["swap_outs"], "a silent preemption");
         assert_eq!(r["blocks_in_use_at_end"], 0, "blocks still held");
         assert_eq!(
             r["blocks_free_at_end"], r["blocks_total"],

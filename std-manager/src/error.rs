@@ -48,6 +48,15 @@ pub enum ManagerError {
     /// There is no host tier to swap to.
     #[error("no host tier configured")]
     NoHostTier,
+    /// No room on the device (after growing its pool) and preemption is
+    /// the scheduler's: `missing` more blocks must be freed (`preempt`) first.
+    #[error("no room on {device:?}: {missing} more blocks needed")]
+    NoRoom {
+        /// The device.
+        device: Device,
+        /// Blocks missing.
+        missing: u32,
+    },
     /// Not enough memory even after preempting and growing.
     #[error("out of memory: {needed} blocks needed on {device:?}")]
     OutOfMemory {
@@ -64,6 +73,10 @@ pub enum ManagerError {
         /// What is wrong with it.
         problem: String,
     },
+    /// Every pool slot of the cache is taken (devices, host tier and the
+    /// compressed pools made so far).
+    #[error("no pool slot left for a {0:?} compressed pool")]
+    NoPoolSlot(pagedkv_core::QuantFormat),
     /// A raw block list given to `free_blocks` is not one `allocate_blocks` result.
     #[error("blocks were not handed out together by allocate_blocks")]
     NotAnAllocation,
@@ -122,6 +135,20 @@ pub enum InvalidRequest {
         got: usize,
         /// Bytes of a block.
         want: usize,
+    },
+    /// An extension's token ids are not as many as its token count.
+    #[error("{ids} token ids given for {count} new tokens")]
+    TokenCount {
+        /// Ids given.
+        ids: usize,
+        /// Tokens to add.
+        count: usize,
+    },
+    /// A size that must not be zero (`prefill_chunk`, `sliding_window`).
+    #[error("{what} is 0")]
+    Zero {
+        /// Which field.
+        what: &'static str,
     },
     /// A layer past the model's.
     #[error("layer {layer} is past the model's {layers} layers")]

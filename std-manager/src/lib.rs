@@ -1,11 +1,16 @@
 #![doc = include_str!("../README.md")]
 
+pub mod engine;
 mod error;
 mod manager;
 pub mod policy;
 mod traits;
 mod types;
 
+pub use engine::{
+    Allocation, ExportItem, ExtendItem, Extension, KernelTables, ManagerEvent, PreemptMode,
+    Preemption, PreemptionPolicy, Tier,
+};
 pub use error::{InvalidRequest, ManagerError, Result};
 pub use manager::{Handle, KvManager, MAX_DEVICES, ManagedBackend};
 pub use pagedkv_core as core;

@@ -70,6 +70,23 @@ pub struct AllocationRequest {
     /// must mean equal content and equal preceding content. Decode blocks of
     /// such a request are not cached (their tokens are not known).
     pub block_keys: Vec<u128>,
+    /// LoRA adapter (or other model variant) the KV is computed with: part
+    /// of every block key, so requests of other adapters never share it.
+    #[serde(default)]
+    pub adapter: Option<u64>,
+    /// Multimodal items of the prompt (content hash and placement): part of
+    /// the keys of the blocks they overlap.
+    #[serde(default)]
+    pub mm_items: Vec<pagedkv_core::MmItem>,
+    /// Keep only the blocks overlapping the last this many tokens (a
+    /// sliding-window model); `None`: keep all.
+    #[serde(default)]
+    pub sliding_window: Option<u32>,
+    /// Chunked prefill: place the prompt's cached blocks and at most this
+    /// many more tokens now; the rest follows by `extend_tokens` with the
+    /// prompt's next ids. `None`: the whole prompt at once.
+    #[serde(default)]
+    pub prefill_chunk: Option<usize>,
 }
 
 impl AllocationRequest {
@@ -93,6 +110,10 @@ impl AllocationRequest {
             prompt,
             cache_salt: None,
             block_keys: Vec::new(),
+            adapter: None,
+            mm_items: Vec::new(),
+            sliding_window: None,
+            prefill_chunk: None,
         }
     }
 
@@ -166,6 +187,26 @@ pub struct ManagerConfig {
     pub max_sequence_length: usize,
     /// Secret key of the block hash; `None` draws one at random.
     pub hash_key: Option<[u8; 16]>,
+    /// Who preempts when a device has no room: the engine's scheduler (a
+    /// `NoRoom` answer; the default, as vLLM), or the manager by its
+    /// eviction policy (every preemption reported).
+    #[serde(default)]
+    pub preemption: crate::engine::PreemptionPolicy,
+    /// The format `compress_cache` uses (its pool is created on first use).
+    #[serde(default = "default_format")]
+    pub compression_format: pagedkv_core::QuantFormat,
+    /// Record the cache's events (blocks stored and removed, by tier) for
+    /// `drain_events` (a KV-aware router mirrors the cache with them).
+    #[serde(default)]
+    pub record_events: bool,
+    /// `gc` frees requests not extended or allocated for this long (their
+    /// engine forgot them); `None`: only `deallocate` frees a request.
+    #[serde(default)]
+    pub request_ttl_seconds: Option<u64>,
+}
+
+fn default_format() -> pagedkv_core::QuantFormat {
+    pagedkv_core::QuantFormat::Int8PerHead
 }
 
 impl ManagerConfig {
@@ -185,6 +226,10 @@ impl ManagerConfig {
             max_sequences: 256,
             max_sequence_length: 32_768,
             hash_key: None,
+            preemption: crate::engine::PreemptionPolicy::Scheduler,
+            compression_format: pagedkv_core::QuantFormat::Int8PerHead,
+            record_events: false,
+            request_ttl_seconds: None,
         }
     }
 }
@@ -235,6 +280,12 @@ pub struct CacheManagerStats {
     pub swap_outs: u64,
     /// Sequences swapped back in so far.
     pub swap_ins: u64,
+    /// Blocks held in compressed pools (compressed requests).
+    #[serde(default)]
+    pub compressed_blocks: usize,
+    /// Bytes of the compressed pools created so far (on demand).
+    #[serde(default)]
+    pub compressed_memory_bytes: usize,
 }
 
 /// What `gc` reclaimed.

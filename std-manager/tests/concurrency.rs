@@ -60,6 +60,8 @@ async fn sixty_four_tasks_of_random_operations() {
     cfg.prefix_cache_config = Some(PrefixCacheConfig::default());
     cfg.offload_evicted_prefixes = true;
     cfg.max_sequences = 1024;
+    // The manager preempts on its own: its swaps race the tasks' own.
+    cfg.preemption = pagedkv_manager::PreemptionPolicy::Automatic;
     let m = Arc::new(KvManager::new(HostBackend::new(), cfg).unwrap());
     let n = ops_per_task();
     let mut tasks = Vec::new();

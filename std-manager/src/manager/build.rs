@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use pagedkv_core::{
-    BatchValidator, BlockPool, DType, KvCache, KvLayout, MemoryKind, PoolConfig, PressureMonitor,
+    BatchValidator, BlockPool, KvCache, KvEvent, KvLayout, MemoryKind, PoolConfig, PressureMonitor,
     RegionDesc, SipBlockHasher,
 };
 
@@ -93,7 +93,12 @@ fn hash_key(config: &ManagerConfig) -> [u8; 16] {
     })
 }
 
-/// Adds a pool of `max` blocks, `online` of them backed by one region.
+/// Events each pool keeps for `drain_events` (a step's worth for a busy
+/// server: chained stores coalesce into one event); past it, `Lost`.
+const EVENT_RING: usize = 4096;
+
+/// Adds a pool of `max` blocks, `online` of them backed by one region, with
+/// a ring of `events`.
 fn add_pool<B: ManagedBackend>(
     backend: &mut B,
     cache: &mut KvCache<'static, SipBlockHasher>,
@@ -101,9 +106,10 @@ fn add_pool<B: ManagedBackend>(
     cfg: PoolConfig,
     layout: KvLayout,
     memory: MemoryKind,
-    (max, online): (u32, u32),
+    (max, online, events): (u32, u32, usize),
 ) -> Result<()> {
-    let mut pool = BlockPool::with_capacity(cfg, max)?;
+    let mut pool = BlockPool::with_capacity(cfg, max)?
+        .with_events(pagedkv_core::Slots::try_owned(events, KvEvent::EMPTY)?);
     pool.shrink(online)?;
     cache.add_pool(pool)?;
     let region = backend
@@ -152,7 +158,8 @@ impl<B: ManagedBackend> KvManager<B> {
             Device::Gpu(n) => MemoryKind::Device(*n),
             Device::Cpu => MemoryKind::Host,
         };
-        let sized = (sizes.max_blocks, sizes.initial);
+        let events = if config.record_events { EVENT_RING } else { 0 };
+        let sized = (sizes.max_blocks, sizes.initial, events);
         for (d, dev) in config.target_devices.iter().enumerate() {
             let cfg = PoolConfig::device(pools.device(d).0, bs);
             add_pool(
@@ -165,21 +172,8 @@ impl<B: ManagedBackend> KvManager<B> {
                 sized,
             )?;
         }
-        let qlayout = layout.with_dtype(DType::Int8);
-        for (d, dev) in config.target_devices.iter().enumerate() {
-            let cfg = PoolConfig::host(pools.compressed(d).0, bs);
-            add_pool(
-                backend,
-                &mut cache,
-                mems,
-                cfg,
-                qlayout,
-                memory_of(dev),
-                sized,
-            )?;
-        }
         if let Some(host) = pools.host() {
-            let hb = (sizes.host_blocks, sizes.host_blocks);
+            let hb = (sizes.host_blocks, sizes.host_blocks, events);
             let cfg = PoolConfig::host(host.0, bs);
             add_pool(
                 backend,
@@ -203,7 +197,7 @@ impl<B: ManagedBackend> KvManager<B> {
             .collect();
         let pressure =
             PressureMonitor::new(config.pressure_thresholds, config.pressure_hysteresis)?;
-        cache.set_events_enabled(false);
+        cache.set_events_enabled(config.record_events);
         let inner = Inner {
             cache,
             reqs: HashMap::new(),
@@ -213,6 +207,11 @@ impl<B: ManagedBackend> KvManager<B> {
             bases,
             blocks_per_region,
             released_at: vec![vec![0; sizes.max_blocks as usize]; sizes.devices],
+            compressed: Vec::new(),
+            events: std::collections::VecDeque::new(),
+            events_lost: 0,
+            lost_reported: 0,
+            scratch: Vec::new(),
             pressure,
             stats: Counters::default(),
         };
@@ -226,6 +225,7 @@ impl<B: ManagedBackend> KvManager<B> {
                 callback: Mutex::new(None),
                 policy,
                 epoch: Instant::now(),
+                timer: super::wait::Timer::default(),
             }),
         })
     }
@@ -234,7 +234,7 @@ impl<B: ManagedBackend> KvManager<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pagedkv_core::BlockOrder;
+    use pagedkv_core::{BlockOrder, DType};
 
     fn layout() -> KvLayout {
         KvLayout {

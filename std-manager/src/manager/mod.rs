@@ -10,7 +10,8 @@
 //! | `pools.rs` | the named pools (devices, their compressed pools, the host tier) and the memory behind them |
 //! | `transfer.rs` | submitting plans to the backend, fences, the guard that aborts a dropped move |
 //! | `requests.rs` | allocate, append (with copy-on-write), fork, free |
-//! | `preempt.rs` | making room (growth, preemption), moving requests between places |
+//! | `preempt.rs` | making room (growth, or preemption as the policy says), moving requests between places, compressed pools on demand |
+//! | `scheduler.rs` | what an engine calls each step: allocate and extend with per-request answers, batches, kernel tables, explicit preemption, events |
 //! | `prefix_tier.rs` | offloading cached blocks to the host tier and promoting them back |
 //! | `handle.rs` | request handles and their kernel views |
 //! | `seed_*.rs` | the seed's traits, one file each, calling the above |
@@ -37,22 +38,22 @@
 )]
 
 mod build;
+mod extend;
 mod handle;
 mod pools;
 mod preempt;
 mod prefix_tier;
 mod requests;
+mod scheduler;
 mod seed_advanced;
 mod seed_allocator;
 mod seed_cache;
 mod seed_multi;
 mod transfer;
+mod wait;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use pagedkv_core::{
@@ -61,15 +62,16 @@ use pagedkv_core::{
 };
 
 pub use self::handle::Handle;
-use self::pools::{PoolMap, PoolMem};
+use self::pools::{CompressedPool, PoolMap, PoolMem};
 use crate::traits::CacheEvictionPolicy;
 use crate::types::{
     CacheManagerStats, Device, ManagerConfig, PrefixCacheConfig, Priority, RequestId,
 };
 
-/// Most device pools: each device has a compressed pool, and the host tier
-/// takes one more of the core's [`MAX_POOLS`](pagedkv_core::MAX_POOLS).
-pub const MAX_DEVICES: usize = (pagedkv_core::MAX_POOLS - 1) / 2;
+/// Most device pools: the core's [`MAX_POOLS`](pagedkv_core::MAX_POOLS) but
+/// one, for the host tier. Compressed pools are created on demand in the
+/// slots left.
+pub const MAX_DEVICES: usize = pagedkv_core::MAX_POOLS - 1;
 
 /// A backend the manager can drive from several threads. The bounds on the
 /// associated types are stated once, here, and inherited by every use.
@@ -84,27 +86,6 @@ impl<B> ManagedBackend for B where
         + Send
         + 'static
 {
-}
-
-/// A future that is pending once: lets other tasks run between polls of a
-/// fence, on any runtime.
-struct YieldNow(bool);
-
-impl Future for YieldNow {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            Poll::Ready(())
-        } else {
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
-}
-
-fn yield_now() -> YieldNow {
-    YieldNow(false)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -123,9 +104,10 @@ enum Place {
 struct ReqState {
     seq: SeqId,
     priority: Priority,
+    /// The handle last given out, reused while the engine holds it (the
+    /// request lives on without it: the manager owns it until `deallocate`).
     handle: Weak<Handle>,
     device: usize,
-    compressed: Option<QuantFormat>,
     last_access: Instant,
 }
 
@@ -145,6 +127,16 @@ struct Inner {
     blocks_per_region: Vec<u32>,
     /// Per device pool: seconds (since `epoch`) each block was last released.
     released_at: Vec<Vec<u32>>,
+    /// Compressed pools created so far.
+    compressed: Vec<CompressedPool>,
+    /// Preemptions not drained yet (see `drain_events`).
+    events: std::collections::VecDeque<crate::engine::ManagerEvent>,
+    /// Preemption events dropped because nobody drained them.
+    events_lost: u64,
+    /// Events reported lost so far (pools' and the manager's).
+    lost_reported: u64,
+    /// Sequence ids of a batched export (kept, so an export allocates nothing).
+    scratch: Vec<SeqId>,
     pressure: PressureMonitor,
     stats: Counters,
 }
@@ -196,6 +188,8 @@ struct Shared<B: ManagedBackend> {
     callback: Mutex<Option<SharedCallback>>,
     policy: Arc<dyn CacheEvictionPolicy>,
     epoch: Instant,
+    /// Wakes futures waiting on fences (see `wait.rs`).
+    timer: wait::Timer,
 }
 
 /// The manager: implements the seed's traits over any backend with
@@ -232,7 +226,8 @@ impl<B: ManagedBackend> KvManager<B> {
         lock(&self.shared.inner).cache.check_invariants()
     }
 
-    /// Blocks held, per pool (device pools first, then compressed, then host).
+    /// Blocks held, per pool (device pools first, then the host tier, then
+    /// compression pools in the order they were created).
     pub fn used_blocks(&self) -> Vec<u32> {
         lock(&self.shared.inner)
             .cache
@@ -271,8 +266,7 @@ impl<B: ManagedBackend> KvManager<B> {
 
     fn place(&self, inner: &Inner, st: &ReqState) -> crate::Result<Place> {
         let info = inner.cache.info(st.seq)?;
-        let format = st.compressed.unwrap_or(QuantFormat::Int8PerHead);
-        Ok(self.shared.pools.place_of(info.pool, format))
+        Ok(self.shared.pools.place_of(info.pool, &inner.compressed))
     }
 
     fn stats_for(&self, inner: &Inner, devices: &[usize]) -> CacheManagerStats {
@@ -301,6 +295,24 @@ impl<B: ManagedBackend> KvManager<B> {
         if s.query_blocks > 0 {
             s.cache_hit_rate =
                 (s.device_hit_blocks + s.host_hit_blocks) as f32 / s.query_blocks as f32;
+        }
+        let qbb = |f: QuantFormat| {
+            let dtype = match f {
+                QuantFormat::Int8PerHead => pagedkv_core::DType::Int8,
+                QuantFormat::Fp8E4M3PerHead => pagedkv_core::DType::Fp8E4M3,
+            };
+            let l = self.shared.config.layout.with_dtype(dtype);
+            l.block_bytes().unwrap_or(0) as usize
+        };
+        for c in inner
+            .compressed
+            .iter()
+            .filter(|c| devices.contains(&c.device))
+        {
+            if let Ok(p) = inner.cache.pool(c.pool) {
+                s.compressed_blocks += p.used_len() as usize;
+                s.compressed_memory_bytes += p.capacity() as usize * qbb(c.format);
+            }
         }
         s
     }

@@ -10,12 +10,22 @@ use pagedkv_core::{BlockId, KvLayout, MemoryKind, PoolId, QuantFormat};
 
 use super::Place;
 
-/// Which core pool plays which role. Devices `0..n` are pools `0..n`, their
-/// compressed pools `n..2n`, the host tier (if any) pool `2n`.
+/// Which core pool plays which role. Devices `0..n` are pools `0..n`, the
+/// host tier (if any) pool `n`; compressed pools are added on demand, one
+/// per device and format, after them (see [`CompressedPool`]).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct PoolMap {
     devices: usize,
     host: bool,
+}
+
+/// A compressed pool, created the first time a request of `device` is
+/// compressed to `format`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct CompressedPool {
+    pub(super) device: usize,
+    pub(super) format: QuantFormat,
+    pub(super) pool: PoolId,
 }
 
 impl PoolMap {
@@ -38,25 +48,25 @@ impl PoolMap {
         (0..self.devices).map(|d| self.device(d))
     }
 
-    /// The compressed pool of device `d`.
-    pub(super) fn compressed(&self, d: usize) -> PoolId {
-        PoolId((self.devices + d) as u16)
-    }
-
     /// The host tier.
     pub(super) fn host(&self) -> Option<PoolId> {
-        self.host.then_some(PoolId((2 * self.devices) as u16))
+        self.host.then_some(PoolId(self.devices as u16))
     }
 
-    /// The role of `pool` (a compressed request's format is the caller's).
-    pub(super) fn place_of(&self, pool: PoolId, format: QuantFormat) -> Place {
+    /// The id the next compressed pool takes, after those in `compressed`.
+    pub(super) fn next_compressed(&self, compressed: &[CompressedPool]) -> usize {
+        self.devices + usize::from(self.host) + compressed.len()
+    }
+
+    /// The role of `pool`.
+    pub(super) fn place_of(&self, pool: PoolId, compressed: &[CompressedPool]) -> Place {
         let p = pool.0 as usize;
         if p < self.devices {
-            Place::Device(p)
-        } else if p < 2 * self.devices {
-            Place::Compressed(p - self.devices, format)
-        } else {
-            Place::Host
+            return Place::Device(p);
+        }
+        match compressed.iter().find(|c| c.pool == pool) {
+            Some(c) => Place::Compressed(c.device, c.format),
+            None => Place::Host,
         }
     }
 
@@ -66,7 +76,8 @@ impl PoolMap {
         (p < self.devices).then_some(p)
     }
 
-    /// Where the memory of `pool` is kept (the index of its `PoolMem`).
+    /// Where the memory of `pool` is kept (the index of its `PoolMem`:
+    /// pools and their memory are created in the same order).
     pub(super) fn mem(&self, pool: PoolId) -> usize {
         pool.0 as usize
     }
@@ -104,19 +115,20 @@ mod tests {
     fn roles_map_to_distinct_pools() {
         let m = PoolMap::new(3, true);
         assert_eq!(m.device(2), PoolId(2));
-        assert_eq!(m.compressed(0), PoolId(3));
-        assert_eq!(m.host(), Some(PoolId(6)));
-        assert_eq!(
-            m.place_of(PoolId(1), QuantFormat::Int8PerHead),
-            Place::Device(1)
-        );
-        assert_eq!(
-            m.place_of(PoolId(5), QuantFormat::Fp8E4M3PerHead),
-            Place::Compressed(2, QuantFormat::Fp8E4M3PerHead)
-        );
-        assert_eq!(m.place_of(PoolId(6), QuantFormat::Int8PerHead), Place::Host);
+        assert_eq!(m.host(), Some(PoolId(3)));
+        let fp8 = QuantFormat::Fp8E4M3PerHead;
+        let c = [CompressedPool {
+            device: 2,
+            format: fp8,
+            pool: PoolId(4),
+        }];
+        assert_eq!(m.next_compressed(&c), 5);
+        assert_eq!(m.place_of(PoolId(1), &c), Place::Device(1));
+        assert_eq!(m.place_of(PoolId(4), &c), Place::Compressed(2, fp8));
+        assert_eq!(m.place_of(PoolId(3), &c), Place::Host);
         assert_eq!(m.device_of(PoolId(4)), None);
         assert_eq!(PoolMap::new(1, false).host(), None);
+        assert_eq!(PoolMap::new(1, false).next_compressed(&[]), 1);
         let mem = PoolMem::<u8> {
             layout: pagedkv_core::KvLayout {
                 layers: 1,

@@ -12,14 +12,12 @@ use pagedkv_core::{BlockHash, CacheSalt, Prompt, SeqId};
 
 use super::handle::Handle;
 use super::preempt::Room;
-use super::transfer::CopyOp;
-use super::{Inner, KvManager, ManagedBackend, ReqState, lock, yield_now};
+use super::wait::backoff;
+use super::{Inner, KvManager, ManagedBackend, ReqState, lock};
+use crate::engine::Allocation;
 use crate::error::{InvalidRequest, ManagerError, Result};
 use crate::traits::KvCacheHandle;
 use crate::types::{AllocationRequest, Device, RequestId};
-
-/// Yields allowed while another task finishes moving a request.
-const BUSY_YIELDS: u32 = 1000;
 
 /// How a request's prompt is matched, decided once per allocation.
 struct PromptPlan {
@@ -31,7 +29,7 @@ struct PromptPlan {
     len: u32,
 }
 
-fn too_long() -> ManagerError {
+pub(super) fn too_long() -> ManagerError {
     pagedkv_core::Error::LengthOverflow.into()
 }
 
@@ -82,6 +80,14 @@ impl<B: ManagedBackend> KvManager<B> {
         }
         if let Some(d) = req.device {
             self.device_index(d)?;
+        }
+        for (what, zero) in [
+            ("prefill_chunk", req.prefill_chunk == Some(0)),
+            ("sliding_window", req.sliding_window == Some(0)),
+        ] {
+            if zero {
+                return Err(InvalidRequest::Zero { what }.into());
+            }
         }
         Ok(())
     }
@@ -142,6 +148,8 @@ impl<B: ManagedBackend> KvManager<B> {
         };
         Prompt {
             salt: pp.salt,
+            adapter: req.adapter,
+            mm: &req.mm_items,
             ..prompt
         }
     }
@@ -177,10 +185,10 @@ impl<B: ManagedBackend> KvManager<B> {
         Ok(pp)
     }
 
-    pub(super) async fn allocate_inner(
-        &self,
-        req: &AllocationRequest,
-    ) -> Result<Arc<dyn KvCacheHandle>> {
+    /// Allocates a request: host-tier hits promoted first, evicted prefixes
+    /// offloaded, room made as the preemption policy says; then the core
+    /// places the prompt (or its hits and one chunk).
+    pub(super) async fn allocate_inner(&self, req: &AllocationRequest) -> Result<Allocation> {
         self.check_request(req)?;
         let raw_keys: Vec<BlockHash> = req.block_keys.iter().map(|&k| BlockHash(k)).collect();
         let pp = self.plan_prompt(req, &raw_keys)?;
@@ -201,18 +209,19 @@ impl<B: ManagedBackend> KvManager<B> {
             }
             let r = self.allocate_once(req, &pp, &prompt, &raw_keys, host_hits);
             match self.with_room(r, &mut room).await {
-                Ok(Some(h)) => break Ok(h),
+                Ok(Some(a)) => break Ok(a),
                 Ok(None) => {}
                 Err(e) => break Err(e),
             }
         };
         match res {
-            Ok(h) => {
+            Ok(mut a) => {
                 self.shared
                     .policy
                     .record_access(req.request_id, Instant::now());
                 self.notify_pressure();
-                Ok(h)
+                a.preempted = room.preempted;
+                Ok(a)
             }
             Err(e) => {
                 lock(&self.shared.inner).stats.failures += 1;
@@ -229,12 +238,20 @@ impl<B: ManagedBackend> KvManager<B> {
         prompt: &Prompt<'_>,
         raw_keys: &[BlockHash],
         host_hits: u64,
-    ) -> Result<Arc<dyn KvCacheHandle>> {
+    ) -> Result<Allocation> {
         let mut guard = lock(&self.shared.inner);
         let inner = &mut *guard;
-        let a = inner
-            .cache
-            .allocate(self.shared.pools.device(pp.device), prompt)?;
+        let chunk = req
+            .prefill_chunk
+            .map_or(u32::MAX, |c| u32::try_from(c).unwrap_or(u32::MAX));
+        let pool = self.shared.pools.device(pp.device);
+        let a = inner.cache.allocate_chunk(pool, prompt, chunk)?;
+        if let Some(w) = req.sliding_window
+            && let Err(e) = inner.cache.set_window(a.seq, w)
+        {
+            let _ = inner.cache.free(a.seq);
+            return Err(e.into());
+        }
         let handle = self.new_handle(req.request_id);
         inner.reqs.insert(
             req.request_id,
@@ -243,11 +260,11 @@ impl<B: ManagedBackend> KvManager<B> {
                 priority: req.priority,
                 handle: Arc::downgrade(&handle),
                 device: pp.device,
-                compressed: None,
                 last_access: Instant::now(),
             },
         );
         inner.stats.allocations += 1;
+        let from_host = host_hits.min(u64::from(a.hit_blocks)) as u32;
         if pp.use_prefix {
             let queried = if req.block_keys.is_empty() {
                 pp.len / self.shared.config.layout.tokens_per_block
@@ -255,106 +272,21 @@ impl<B: ManagedBackend> KvManager<B> {
                 raw_keys.len() as u32
             };
             inner.stats.queries += u64::from(queried);
-            let from_host = host_hits.min(u64::from(a.hit_blocks));
-            inner.stats.host_hits += from_host;
-            inner.stats.device_hits += u64::from(a.hit_blocks) - from_host;
+            inner.stats.host_hits += u64::from(from_host);
+            inner.stats.device_hits += u64::from(a.hit_blocks - from_host);
         }
-        Ok(handle)
+        Ok(Allocation {
+            handle,
+            computed_tokens: a.hit_tokens.min(pp.len) as usize,
+            device_hit_blocks: a.hit_blocks - from_host,
+            host_hit_blocks: from_host,
+            placed_tokens: a.tokens as usize,
+            blocks: inner.cache.info(a.seq)?.blocks,
+            preempted: Vec::new(),
+        })
     }
 
-    /// Appends `n` tokens (ids when known) to a request on its device. A
-    /// shared or published partial last block is first copied by a
-    /// two-phase plan (its source stays held until the copy landed), then
-    /// the append writes in place, in the same critical section as the commit.
-    pub(super) async fn append(
-        &self,
-        id: RequestId,
-        n: usize,
-        tokens: Option<&[u32]>,
-    ) -> Result<()> {
-        self.ensure_on_device(id).await?;
-        let n = u32::try_from(n).map_err(|_| too_long())?;
-        let device = {
-            let inner = lock(&self.shared.inner);
-            let st = inner
-                .reqs
-                .get(&id)
-                .ok_or(ManagerError::UnknownRequest(id))?;
-            st.device
-        };
-        let mut room = Room::on(device, Some(id));
-        let res = loop {
-            let r = self.append_once(id, n, tokens).await;
-            match self.with_room(r, &mut room).await {
-                Ok(Some(())) => break Ok(()),
-                Ok(None) => {}
-                Err(e) => break Err(e),
-            }
-        };
-        match res {
-            Ok(()) => {
-                self.shared.policy.record_access(id, Instant::now());
-                self.notify_pressure();
-                Ok(())
-            }
-            Err(e) => {
-                lock(&self.shared.inner).stats.failures += 1;
-                Err(e)
-            }
-        }
-    }
-
-    async fn append_once(&self, id: RequestId, n: u32, tokens: Option<&[u32]>) -> Result<()> {
-        let core_append = |inner: &mut Inner, seq: SeqId| -> Result<()> {
-            match tokens {
-                Some(t) => inner.cache.append(seq, t)?,
-                None => inner.cache.append_len(seq, n)?,
-            };
-            Ok(())
-        };
-        for _ in 0..BUSY_YIELDS {
-            let (seq, pool, cow, new_blocks) = {
-                let mut guard = lock(&self.shared.inner);
-                let inner = &mut *guard;
-                let st = inner
-                    .reqs
-                    .get_mut(&id)
-                    .ok_or(ManagerError::UnknownRequest(id))?;
-                st.last_access = Instant::now();
-                let seq = st.seq;
-                let pool = inner.cache.info(seq)?.pool;
-                match inner.cache.append_needs(seq, n) {
-                    Err(pagedkv_core::Error::SequenceBusy(_)) => (seq, pool, None, 0),
-                    Err(e) => return Err(e.into()),
-                    Ok(needs) if needs.cow => (seq, pool, inner.cache.cow(seq)?, needs.new_blocks),
-                    Ok(_) => return core_append(inner, seq),
-                }
-            };
-            let Some(plan) = cow else {
-                // Another task is moving it: let that finish.
-                yield_now().await;
-                continue;
-            };
-            return self
-                .run_plan_then(plan, CopyOp::Copy, "copy-on-write", |inner, plan| {
-                    let available = inner.cache.pool(pool)?.available();
-                    if available < new_blocks {
-                        inner.cache.abort(plan)?;
-                        return Err(pagedkv_core::Error::OutOfBlocks {
-                            needed: new_blocks,
-                            available,
-                        }
-                        .into());
-                    }
-                    inner.cache.commit(plan)?;
-                    core_append(inner, seq)
-                })
-                .await;
-        }
-        Err(pagedkv_core::Error::SequenceBusy(self.seq_of(id)?).into())
-    }
-
-    fn seq_of(&self, id: RequestId) -> Result<SeqId> {
+    pub(super) fn seq_of(&self, id: RequestId) -> Result<SeqId> {
         lock(&self.shared.inner)
             .reqs
             .get(&id)
@@ -389,7 +321,6 @@ impl<B: ManagedBackend> KvManager<B> {
                 priority,
                 handle: Arc::downgrade(&handle),
                 device,
-                compressed: None,
                 last_access: Instant::now(),
             },
         );
@@ -400,6 +331,18 @@ impl<B: ManagedBackend> KvManager<B> {
 
     pub(super) fn new_handle(&self, id: RequestId) -> Arc<Handle> {
         Handle::new(id, Arc::clone(&self.shared) as _)
+    }
+
+    /// The handle of a live request: the one the engine holds, or a new one.
+    pub(super) fn handle_of(&self, id: RequestId, st: &mut ReqState) -> Arc<dyn KvCacheHandle> {
+        match st.handle.upgrade() {
+            Some(h) => h,
+            None => {
+                let h = self.new_handle(id);
+                st.handle = Arc::downgrade(&h);
+                h
+            }
+        }
     }
 
     fn stamp_release(&self, inner: &mut Inner, seq: SeqId) {
@@ -445,7 +388,7 @@ impl<B: ManagedBackend> KvManager<B> {
 
     pub(super) async fn free_request(&self, id: RequestId) -> Result<()> {
         // A pending move always ends (its fences complete or fail): wait for it.
-        loop {
+        for attempt in 0.. {
             {
                 let mut guard = lock(&self.shared.inner);
                 let inner = &mut *guard;
@@ -469,7 +412,8 @@ impl<B: ManagedBackend> KvManager<B> {
                 }
             }
             // Another task is moving it: let that finish.
-            yield_now().await;
+            self.shared.timer.sleep(backoff(attempt)).await;
         }
+        Err(pagedkv_core::Error::SequenceBusy(self.seq_of(id)?).into())
     }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use pagedkv_core::{DType, QuantFormat};
+use pagedkv_core::DType;
 
 use super::{KvManager, ManagedBackend, Place, lock};
 use crate::error::{ManagerError, Result};
@@ -60,8 +60,9 @@ impl<B: ManagedBackend> AdvancedKvCacheManager for KvManager<B> {
         Ok(())
     }
 
-    /// Quantizes a request's KV into its device's compressed pool (int8 with
-    /// per-head scales). Lossy: the compressed blocks, and the blocks
+    /// Quantizes a request's KV into its device's compressed pool of the
+    /// configured `compression_format` (per-head scales; the pool is created
+    /// on first use). Lossy: the compressed blocks, and the blocks
     /// decompressed from them, are never published in the prefix cache, and
     /// the request publishes none of its later blocks either.
     #[tracing::instrument(skip(self))]
@@ -76,21 +77,11 @@ impl<B: ManagedBackend> AdvancedKvCacheManager for KvManager<B> {
                 best,
             });
         }
-        // Int8 with per-head scales for any ratio in reach (fp8 gives the
-        // same size; int8 is the more accurate on bounded KV).
-        let format = QuantFormat::Int8PerHead;
+        // The configured format (int8 by default: the more accurate on
+        // bounded KV; fp8 has the same size).
+        let format = self.shared.config.compression_format;
         let t0 = Instant::now();
-        let device = {
-            let inner = lock(&self.shared.inner);
-            inner
-                .reqs
-                .get(&request_id)
-                .ok_or(ManagerError::UnknownRequest(request_id))?
-                .device
-        };
-        self.ensure_on_device(request_id).await?;
-        self.move_request(request_id, Place::Compressed(device, format))
-            .await?;
+        self.compress_with(request_id, format).await?;
         let mut inner = lock(&self.shared.inner);
         inner.stats.compressions += 1;
         inner.stats.compression_ratio_sum += f64::from(best);
@@ -110,8 +101,8 @@ impl<B: ManagedBackend> AdvancedKvCacheManager for KvManager<B> {
         let mut count = 0;
         let mut saved = 0;
         for st in inner.reqs.values() {
-            if st.compressed.is_some()
-                && let Ok(info) = inner.cache.info(st.seq)
+            if let (Ok(Place::Compressed(..)), Ok(info)) =
+                (self.place(&inner, st), inner.cache.info(st.seq))
             {
                 count += 1;
                 saved += (info.blocks - info.first_live) as usize * full.saturating_sub(q);

@@ -16,17 +16,21 @@ use crate::types::{AllocationRequest, CacheGcStats, CacheManagerStats, RequestId
 impl<B: ManagedBackend> KvCacheManager for KvManager<B> {
     #[tracing::instrument(skip_all, fields(request = %request.request_id))]
     async fn allocate(&self, request: &AllocationRequest) -> Result<Arc<dyn KvCacheHandle>> {
-        self.allocate_inner(request).await
+        Ok(self.allocate_inner(request).await?.handle)
     }
 
     #[tracing::instrument(skip(self))]
     async fn extend(&self, request_id: RequestId, additional_tokens: usize) -> Result<()> {
-        self.append(request_id, additional_tokens, None).await
+        self.append(request_id, additional_tokens, None, 0, &[])
+            .await
+            .map(|_| ())
     }
 
     #[tracing::instrument(skip(self, tokens))]
     async fn extend_tokens(&self, request_id: RequestId, tokens: &[u32]) -> Result<()> {
-        self.append(request_id, tokens.len(), Some(tokens)).await
+        self.append(request_id, tokens.len(), Some(tokens), 0, &[])
+            .await
+            .map(|_| ())
     }
 
     #[tracing::instrument(skip(self))]
@@ -68,21 +72,28 @@ impl<B: ManagedBackend> KvCacheManager for KvManager<B> {
         self.stats_for(&inner, &all)
     }
 
-    /// Frees requests whose handles were all dropped, cached blocks past
-    /// `max_prefixes`, and cached blocks unused for `prefix_ttl_seconds`
-    /// (0, and values past the manager's lifetime, never expire).
+    /// The manager owns each request until `deallocate`: dropping its
+    /// handles frees nothing. `gc` frees requests idle (neither allocated
+    /// nor extended) for `request_ttl_seconds`, when set (an engine that
+    /// forgot them), cached blocks past `max_prefixes`, and cached blocks
+    /// unused for `prefix_ttl_seconds` (0, and values past the manager's
+    /// lifetime, never expire).
     #[tracing::instrument(skip(self))]
     async fn gc(&self) -> Result<CacheGcStats> {
         let t0 = Instant::now();
         let bb = self.shared.config.layout.block_bytes()? as usize;
-        let dropped: Vec<RequestId> = {
-            let inner = lock(&self.shared.inner);
-            inner
-                .reqs
-                .iter()
-                .filter(|(_, s)| s.handle.strong_count() == 0)
-                .map(|(id, _)| *id)
-                .collect()
+        let dropped: Vec<RequestId> = match self.shared.config.request_ttl_seconds {
+            None => Vec::new(),
+            Some(ttl) => {
+                let inner = lock(&self.shared.inner);
+                let ttl = std::time::Duration::from_secs(ttl);
+                inner
+                    .reqs
+                    .iter()
+                    .filter(|(_, s)| s.last_access.elapsed() >= ttl)
+                    .map(|(id, _)| *id)
+                    .collect()
+            }
         };
         let mut freed_blocks = 0usize;
         for id in &dropped {
@@ -138,25 +149,17 @@ impl<B: ManagedBackend> KvCacheManager for KvManager<B> {
     }
 
     fn get_handle(&self, request_id: RequestId) -> Option<Arc<dyn KvCacheHandle>> {
-        let inner = lock(&self.shared.inner);
-        inner
-            .reqs
-            .get(&request_id)?
-            .handle
-            .upgrade()
-            .map(|h| h as Arc<dyn KvCacheHandle>)
+        let mut inner = lock(&self.shared.inner);
+        let st = inner.reqs.get_mut(&request_id)?;
+        Some(self.handle_of(request_id, st))
     }
 
     fn list_handles(&self) -> Vec<(RequestId, Arc<dyn KvCacheHandle>)> {
-        let inner = lock(&self.shared.inner);
+        let mut inner = lock(&self.shared.inner);
         let mut v: Vec<_> = inner
             .reqs
-            .iter()
-            .filter_map(|(id, s)| {
-                s.handle
-                    .upgrade()
-                    .map(|h| (*id, h as Arc<dyn KvCacheHandle>))
-            })
+            .iter_mut()
+            .map(|(id, s)| (*id, self.handle_of(*id, s)))
             .collect();
         v.sort_by_key(|(id, _)| *id);
         v

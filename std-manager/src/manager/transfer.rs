@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use pagedkv_core::{Backend, BlockCopy, BlockId, KvPart, PlanId, PoolId, QuantFormat};
 
 use super::pools::PoolMem;
-use super::{DevSide, Inner, KvManager, ManagedBackend, Shared, lock, yield_now};
+use super::{DevSide, Inner, KvManager, ManagedBackend, Shared, lock};
 use crate::error::{InvalidRequest, ManagerError, Result};
 use crate::types::RequestId;
 
@@ -77,12 +77,14 @@ fn submit<B: ManagedBackend>(
     Ok(())
 }
 
-/// Polls fences with short `dev` sections, yielding between polls.
+/// Polls fences with short `dev` sections; between polls the future sleeps
+/// on the manager's timer with a growing backoff (no busy loop: `wait.rs`).
 async fn wait_fences<B: ManagedBackend>(
     shared: &Shared<B>,
     fences: &mut Vec<B::Fence>,
     op: &'static str,
 ) -> Result<()> {
+    let mut attempt = 0;
     while !fences.is_empty() {
         {
             let mut dev = lock(&shared.dev);
@@ -100,7 +102,8 @@ async fn wait_fences<B: ManagedBackend>(
             }
         }
         if !fences.is_empty() {
-            yield_now().await;
+            shared.timer.sleep(super::wait::backoff(attempt)).await;
+            attempt += 1;
         }
     }
     Ok(())

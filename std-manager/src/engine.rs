@@ -1,0 +1,204 @@
+//! What an engine's scheduler gets back from each call: per-request answers
+//! (prefix hits by tier, blocks added, copies made, preemptions), the
+//! preemption choices, batched kernel tables in buffers the engine owns, and
+//! the cache's events for a KV-aware router.
+
+use std::sync::Arc;
+
+use pagedkv_core::{BlockHash, KvEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::traits::KvCacheHandle;
+use crate::types::{Device, RequestId};
+
+/// Who preempts when a device has no room.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub enum PreemptionPolicy {
+    /// The engine's scheduler: a call without room answers
+    /// [`ManagerError::NoRoom`](crate::ManagerError::NoRoom) with the blocks
+    /// missing, and the scheduler calls `preempt` on the requests it chooses.
+    #[default]
+    Scheduler,
+    /// The manager: it swaps requests chosen by its eviction policy to the
+    /// host tier, and reports each preemption (in the call's answer and as an
+    /// event).
+    Automatic,
+}
+
+/// How a request is preempted.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum PreemptMode {
+    /// Its KV moves to the host tier; `swap_in` (or any call on it) brings
+    /// it back.
+    Swap,
+    /// Its KV is dropped (the request is freed; its published blocks stay
+    /// cached, so a recomputation may hit them); the engine re-admits it.
+    Recompute,
+}
+
+/// A request preempted to make room.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Preemption {
+    /// The request.
+    pub request: RequestId,
+    /// How.
+    pub mode: PreemptMode,
+    /// Device blocks it gave back.
+    pub blocks: u32,
+}
+
+/// What an allocation did.
+#[derive(Clone, Debug)]
+pub struct Allocation {
+    /// The request's handle (the manager owns the request until
+    /// `deallocate`; dropping the handle frees nothing).
+    pub handle: Arc<dyn KvCacheHandle>,
+    /// Prompt tokens whose KV is already computed (prefix hits): the engine
+    /// skips their prefill.
+    pub computed_tokens: usize,
+    /// Prefix-hit blocks already on the device.
+    pub device_hit_blocks: u32,
+    /// Prefix-hit blocks brought back from the host tier.
+    pub host_hit_blocks: u32,
+    /// Prompt tokens placed now (the whole prompt, or the hits and one chunk
+    /// with `prefill_chunk`).
+    pub placed_tokens: usize,
+    /// Blocks in the request's table.
+    pub blocks: u32,
+    /// Requests preempted to make room (automatic preemption only).
+    pub preempted: Vec<Preemption>,
+}
+
+/// What an extension did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extension {
+    /// Blocks added to the request's table (for new tokens and lookahead).
+    pub new_blocks: u32,
+    /// Blocks released: lookahead no longer reserved, or left behind a
+    /// sliding window.
+    pub released_blocks: u32,
+    /// Copy-on-write copies made (a shared or published partial block).
+    pub copies: u32,
+    /// Whether the request was first brought back from the host tier.
+    pub swapped_in: bool,
+    /// Requests preempted to make room (automatic preemption only).
+    pub preempted: Vec<Preemption>,
+}
+
+/// One request's part of a batched extension.
+#[derive(Clone, Copy, Debug)]
+pub struct ExtendItem<'a> {
+    /// The request.
+    pub request: RequestId,
+    /// The new tokens' ids (`None`: `count` tokens of unknown ids, whose
+    /// blocks are then not published).
+    pub tokens: Option<&'a [u32]>,
+    /// Tokens added (the length of `tokens` when given).
+    pub count: u32,
+    /// Lookahead slots to hold reserved past the new end (speculative
+    /// decoding); 0 releases any.
+    pub lookahead: u32,
+}
+
+impl<'a> ExtendItem<'a> {
+    /// `tokens` appended, no lookahead.
+    pub fn tokens(request: RequestId, tokens: &'a [u32]) -> Self {
+        Self {
+            request,
+            tokens: Some(tokens),
+            count: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
+            lookahead: 0,
+        }
+    }
+}
+
+/// One request's part of a batched export.
+#[derive(Clone, Copy, Debug)]
+pub struct ExportItem {
+    /// The request (on a device).
+    pub request: RequestId,
+    /// Its last tokens this step writes (their `slot_mapping` entries).
+    pub new_tokens: u32,
+    /// Lookahead slots past its end this step writes (draft tokens).
+    pub lookahead: u32,
+}
+
+/// The kernel tables of a batch, in buffers the engine owns and reuses: no
+/// allocation per step once they reached the batch's size.
+#[derive(Clone, Debug, Default)]
+pub struct KernelTables {
+    /// Width of a `block_tables` row (the longest table of the batch).
+    pub max_blocks: usize,
+    /// vLLM `block_tables`: `items × max_blocks`, row-major, padded with `pad`.
+    pub block_tables: Vec<i32>,
+    /// Pad value of `block_tables` (and of window holes).
+    pub pad: i32,
+    /// vLLM `slot_mapping`: each item's new tokens, then its lookahead slots.
+    pub slot_mapping: Vec<i64>,
+    /// FlashInfer `indptr` (`items + 1`).
+    pub indptr: Vec<i32>,
+    /// FlashInfer `indices`: the written pages of each item.
+    pub indices: Vec<i32>,
+    /// FlashInfer `last_page_len`.
+    pub last_page_len: Vec<i32>,
+}
+
+/// Which tier an event happened in.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum Tier {
+    /// A device pool.
+    Device(Device),
+    /// The host tier.
+    Host,
+}
+
+/// What a KV-aware router needs to mirror the cache.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum ManagerEvent {
+    /// Blocks published (a chain: `keys[0]`'s parent is `parent`).
+    Stored {
+        /// Where.
+        tier: Tier,
+        /// The chain parent of the first key.
+        parent: Option<BlockHash>,
+        /// The keys, in chain order.
+        keys: Vec<BlockHash>,
+    },
+    /// Blocks no longer cached there.
+    Removed {
+        /// Where.
+        tier: Tier,
+        /// Their keys.
+        keys: Vec<BlockHash>,
+    },
+    /// Every block of a tier dropped.
+    Cleared {
+        /// Where.
+        tier: Tier,
+    },
+    /// A preemption the manager did (automatic policy) or was asked for.
+    Preempted(Preemption),
+    /// Events were dropped (a full queue): resynchronize.
+    Lost {
+        /// How many.
+        count: u64,
+    },
+}
+
+impl ManagerEvent {
+    /// The event of core event `e` in `tier`.
+    pub(crate) fn from_core(e: KvEvent, tier: Tier) -> Self {
+        match e {
+            KvEvent::BlockStored { parent, keys, .. } => ManagerEvent::Stored {
+                tier,
+                parent,
+                keys: keys.to_vec(),
+            },
+            KvEvent::BlockRemoved { keys, .. } => ManagerEvent::Removed {
+                tier,
+                keys: keys.to_vec(),
+            },
+            KvEvent::AllCleared { .. } => ManagerEvent::Cleared { tier },
+        }
+    }
+}

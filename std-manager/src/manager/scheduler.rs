@@ -1,0 +1,283 @@
+//! What an engine's scheduler calls each step, with per-request answers:
+//! allocate (computed tokens by tier), extend one request or a whole batch
+//! (new blocks, copies, lookahead), batched kernel tables into the engine's
+//! buffers, explicit preemption, and the cache's events for a router.
+
+use std::time::Instant;
+
+use pagedkv_core::QuantFormat;
+
+use super::{KvManager, ManagedBackend, Place, lock};
+use crate::engine::{
+    Allocation, ExportItem, ExtendItem, Extension, KernelTables, ManagerEvent, PreemptMode,
+    Preemption, Tier,
+};
+use crate::error::{ManagerError, Result};
+use crate::types::{AllocationRequest, RequestId};
+
+impl<B: ManagedBackend> KvManager<B> {
+    /// Allocates `req` and says what it got: the prompt tokens already
+    /// computed (prefix hits, by tier: skip their prefill), the tokens placed
+    /// (the hits and one chunk with `prefill_chunk`), the preemptions made for
+    /// it (automatic policy). Without room, and preemption left to the
+    /// scheduler: [`ManagerError::NoRoom`] with the blocks missing.
+    pub async fn allocate_request(&self, req: &AllocationRequest) -> Result<Allocation> {
+        self.allocate_inner(req).await
+    }
+
+    /// Extends one request by `item.count` tokens and holds `item.lookahead`
+    /// slots reserved past its end. Says what it took: new and released
+    /// blocks, copy-on-write copies, whether it was swapped back in first,
+    /// preemptions made for it.
+    pub async fn extend_request(&self, item: ExtendItem<'_>) -> Result<Extension> {
+        self.extend_item(item, &[]).await
+    }
+
+    async fn extend_item(&self, item: ExtendItem<'_>, batch: &[RequestId]) -> Result<Extension> {
+        if let Some(t) = item.tokens
+            && t.len() != item.count as usize
+        {
+            return Err(crate::InvalidRequest::TokenCount {
+                ids: t.len(),
+                count: item.count as usize,
+            }
+            .into());
+        }
+        self.append(
+            item.request,
+            item.count as usize,
+            item.tokens,
+            item.lookahead,
+            batch,
+        )
+        .await
+    }
+
+    /// Extends a batch (a decode step): one lock for every request that is
+    /// on its device and needs neither a copy nor room; the others one by one,
+    /// as [`extend_request`](Self::extend_request), except that automatic
+    /// preemption never picks a request of the batch (the KV of their new
+    /// slots is not written yet). `out` gets one answer per item, in order
+    /// (cleared first; its capacity is reused).
+    pub async fn extend_batch(&self, items: &[ExtendItem<'_>], out: &mut Vec<Result<Extension>>) {
+        out.clear();
+        {
+            let mut guard = lock(&self.shared.inner);
+            let inner = &mut *guard;
+            let now = Instant::now();
+            for item in items {
+                let fast = match inner.reqs.get_mut(&item.request) {
+                    Some(st) if item.tokens.is_none_or(|t| t.len() == item.count as usize) => {
+                        st.last_access = now;
+                        let seq = st.seq;
+                        let on_device = inner.cache.info(seq).is_ok_and(|i| {
+                            !i.moving && self.shared.pools.device_of(i.pool).is_some()
+                        });
+                        let plain = on_device
+                            && inner
+                                .cache
+                                .append_needs(seq, item.count)
+                                .is_ok_and(|n| !n.cow);
+                        if plain {
+                            Self::core_extend(inner, seq, item.count, item.tokens, item.lookahead)
+                                .ok()
+                        } else {
+                            None
+                        }
+                    }
+                    _ => None,
+                };
+                // A placeholder until the one-by-one path below answers.
+                out.push(fast.ok_or(ManagerError::UnknownRequest(item.request)));
+            }
+        }
+        let batch: Vec<RequestId> = if out.iter().all(Result::is_ok) {
+            Vec::new()
+        } else {
+            items.iter().map(|i| i.request).collect()
+        };
+        for (item, r) in items.iter().zip(out.iter_mut()) {
+            if r.is_ok() {
+                self.shared
+                    .policy
+                    .record_access(item.request, Instant::now());
+            } else {
+                *r = self.extend_item(*item, &batch).await;
+            }
+        }
+        self.notify_pressure();
+    }
+
+    /// Writes the kernel tables of a batch of requests on their devices
+    /// into `tables`, whose buffers the engine owns and reuses (no allocation
+    /// once they reached the batch's size): vLLM `block_tables` (rows as wide
+    /// as the longest table, which includes lookahead slots) and
+    /// `slot_mapping` (each item's new tokens, then its lookahead slots), and
+    /// FlashInfer `indptr` / `indices` / `last_page_len`. All or nothing: on
+    /// an error (an unknown request, one off its device, more tokens than it
+    /// holds) the buffers are left empty.
+    pub fn export_tables(&self, items: &[ExportItem], tables: &mut KernelTables) -> Result<()> {
+        let mut guard = lock(&self.shared.inner);
+        let inner = &mut *guard;
+        let r = Self::export_into(inner, &self.shared.pools, items, tables);
+        if r.is_err() {
+            for v in [
+                &mut tables.block_tables,
+                &mut tables.indptr,
+                &mut tables.indices,
+            ] {
+                v.clear();
+            }
+            tables.last_page_len.clear();
+            tables.slot_mapping.clear();
+            tables.max_blocks = 0;
+        }
+        r
+    }
+
+    fn export_into(
+        inner: &mut super::Inner,
+        pools: &super::pools::PoolMap,
+        items: &[ExportItem],
+        tables: &mut KernelTables,
+    ) -> Result<()> {
+        let mut seqs = std::mem::take(&mut inner.scratch);
+        seqs.clear();
+        let mut max_blocks = 0usize;
+        let mut slots = 0usize;
+        for it in items {
+            let st = inner
+                .reqs
+                .get(&it.request)
+                .ok_or(ManagerError::UnknownRequest(it.request))?;
+            let info = inner.cache.info(st.seq)?;
+            if pools.device_of(info.pool).is_none() || info.moving {
+                inner.scratch = seqs;
+                return Err(pagedkv_core::Error::SequenceSwappedOut(st.seq).into());
+            }
+            max_blocks = max_blocks.max(info.blocks as usize);
+            slots += (it.new_tokens + it.lookahead) as usize;
+            seqs.push(st.seq);
+        }
+        let n = items.len();
+        tables.max_blocks = max_blocks;
+        tables.block_tables.clear();
+        tables.block_tables.resize(n * max_blocks, tables.pad);
+        tables.slot_mapping.clear();
+        tables.slot_mapping.resize(slots, 0);
+        tables.indptr.clear();
+        tables.indptr.resize(n + 1, 0);
+        tables.last_page_len.clear();
+        tables.last_page_len.resize(n, 0);
+        let c = &inner.cache;
+        let r = (|| -> Result<()> {
+            c.export_block_tables(&seqs, max_blocks, tables.pad, &mut tables.block_tables)?;
+            let mut k = 0;
+            for (it, &s) in items.iter().zip(&seqs) {
+                let info = c.info(s)?;
+                let first = info.tokens.checked_sub(it.new_tokens).ok_or(
+                    pagedkv_core::Error::TooManyTokens {
+                        requested: u64::from(it.new_tokens),
+                        available: info.tokens,
+                    },
+                )?;
+                let count = it.new_tokens + it.lookahead;
+                let out = tables.slot_mapping.get_mut(k..).unwrap_or(&mut []);
+                k += c.export_slots(s, first, count, out)?;
+            }
+            let pages: usize = seqs
+                .iter()
+                .filter_map(|&s| c.info(s).ok())
+                .map(|i| (i.tokens.div_ceil(c.config().tokens_per_block) - i.first_live) as usize)
+                .sum();
+            tables.indices.clear();
+            tables.indices.resize(pages, 0);
+            c.export_flashinfer(
+                &seqs,
+                &mut tables.indptr,
+                &mut tables.indices,
+                &mut tables.last_page_len,
+            )?;
+            Ok(())
+        })();
+        inner.scratch = seqs;
+        r
+    }
+
+    /// Preempts a request as the scheduler chose: `Swap` moves its KV to the
+    /// host tier (any later call on it brings it back); `Recompute` frees it
+    /// (its published blocks stay cached for the recomputation to hit). The
+    /// preemption is also queued as an event.
+    pub async fn preempt(&self, id: RequestId, mode: PreemptMode) -> Result<Preemption> {
+        match mode {
+            PreemptMode::Swap => {
+                let p = self.preempt_swap(id).await?;
+                self.notify_pressure();
+                Ok(p)
+            }
+            PreemptMode::Recompute => {
+                let blocks = self.held_blocks(id)?;
+                self.free_request(id).await?;
+                let p = Preemption {
+                    request: id,
+                    mode,
+                    blocks,
+                };
+                self.record(ManagerEvent::Preempted(p));
+                Ok(p)
+            }
+        }
+    }
+
+    /// Compresses a request into its device's pool of `format` (created on
+    /// first use; counted in the stats). Lossy: never published.
+    pub async fn compress_with(&self, id: RequestId, format: QuantFormat) -> Result<()> {
+        let device = {
+            let inner = lock(&self.shared.inner);
+            inner
+                .reqs
+                .get(&id)
+                .ok_or(ManagerError::UnknownRequest(id))?
+                .device
+        };
+        self.ensure_on_device(id).await?;
+        self.move_request(id, Place::Compressed(device, format))
+            .await?;
+        self.notify_pressure();
+        Ok(())
+    }
+
+    /// Moves the events since the last call into `out` (appended): blocks
+    /// stored and removed on each device and the host tier (with
+    /// `record_events`), then the preemptions; `Lost` first when any were
+    /// dropped for want of draining.
+    pub fn drain_events(&self, out: &mut Vec<ManagerEvent>) {
+        let mut guard = lock(&self.shared.inner);
+        let inner = &mut *guard;
+        let pools = &self.shared.pools;
+        let tiers = pools
+            .device_ids()
+            .zip(self.shared.devices.iter())
+            .map(|(p, &d)| (p, Tier::Device(d)))
+            .chain(pools.host().map(|h| (h, Tier::Host)));
+        let lost: u64 = inner
+            .cache
+            .pools()
+            .iter()
+            .map(pagedkv_core::BlockPool::events_lost)
+            .sum::<u64>()
+            + inner.events_lost;
+        if lost > inner.lost_reported {
+            out.push(ManagerEvent::Lost {
+                count: lost - inner.lost_reported,
+            });
+            inner.lost_reported = lost;
+        }
+        for (pool, tier) in tiers {
+            while let Ok(Some(e)) = inner.cache.pop_event(pool) {
+                out.push(ManagerEvent::from_core(e, tier));
+            }
+        }
+        out.extend(inner.events.drain(..));
+    }
+}
