@@ -12,7 +12,17 @@
 //!   block, a lost copy-on-write or a move that lost KV are all caught;
 //! - a prefix hit never serves lossy (compressed) KV as exact, nor another
 //!   tenant's;
-//! - a refused call changed no request's place or table.
+//! - a refused call changed no request's place or table;
+//! - every answer is exact: computed (cached) tokens, placed tokens, blocks
+//!   added and released, copies, preemptions; no request leaves its device
+//!   unless a preemption was reported for it (as an event too);
+//! - a router mirroring the drained events holds as many keys per tier as
+//!   the cache indexes there;
+//! - batched extensions and kernel tables (vLLM and FlashInfer) match each
+//!   request's block table, lookahead slots included.
+//!
+//! Each case runs under one preemption policy: the scheduler's (no room is
+//! a `NoRoom` answer) or the manager's (automatic, reported).
 //!
 //! Futures are polled once and dropped at random while a move waits on a
 //! slow fence (cancellation), then the request must still be intact.
@@ -26,9 +36,13 @@ use std::task::{Context, Poll, Waker};
 
 use pagedkv_manager::{
     AdvancedKvCacheManager, AllocationRequest, BlockAllocator, BlockOrder, BlockTable, DType,
-    Device, KvCacheHandle, KvCacheManager, KvLayout, KvManager, ManagerConfig, ManagerError,
-    MultiDeviceCacheManager, PrefixCacheConfig, RequestId,
+    Device, ExtendItem, KvCacheHandle, KvCacheManager, KvLayout, KvManager, ManagerConfig,
+    ManagerError, MultiDeviceCacheManager, PreemptionPolicy, PrefixCacheConfig, RequestId,
 };
+
+mod engine;
+
+use engine::Mirror;
 
 use crate::faulty::{Faulty, Knobs};
 
@@ -59,11 +73,29 @@ pub enum MOp {
         suffix: u8,
         seed: u8,
         dev: u8,
+        /// Chunked prefill when a multiple of 3 (the rest of the prompt
+        /// follows by extensions with its ids).
+        chunk: u8,
     },
     Extend {
         pick: u8,
         n: u8,
         known: bool,
+        /// Odd: through `extend_request`, holding `look / 2 % 4` lookahead
+        /// slots; even: the seed's calls (lookahead released).
+        look: u8,
+    },
+    /// A decode step of several requests (`extend_batch` by one token,
+    /// `look % 3` lookahead slots each), then their kernel tables.
+    Batch {
+        first: u8,
+        count: u8,
+        look: u8,
+    },
+    /// The scheduler preempts a request (swap, or recompute: freed).
+    Preempt {
+        pick: u8,
+        recompute: bool,
     },
     Fork {
         pick: u8,
@@ -105,6 +137,11 @@ struct MReq {
     tokens: Vec<u32>,
     /// Went through compression: its KV is within the int8 bound.
     lossy: bool,
+    /// Lookahead slots held past its end.
+    lookahead: u32,
+    /// Prompt ids not placed yet (chunked prefill); known extensions
+    /// append them first.
+    pending: Vec<u32>,
 }
 
 /// The manager under test and what every request's blocks should hold.
@@ -114,12 +151,31 @@ pub struct ManagerModel {
     reqs: BTreeMap<u64, MReq>,
     next_id: u64,
     bases: [Vec<u32>; 3],
+    policy: PreemptionPolicy,
+    /// The cache as a router mirrors it from the drained events.
+    mirror: Mirror,
+    /// Preemptions reported (events) during the current step.
+    reported: Vec<RequestId>,
+    /// Preemptions reported in answers during the current step.
+    answered: Vec<RequestId>,
     /// Operations applied.
     pub ops: u64,
     /// Prefix hits checked (a test asserts the model exercised them).
     pub hits: u64,
     /// Calls cancelled while a move was pending.
     pub cancelled: u64,
+    /// Preemptions reported (by the manager or asked for).
+    pub preemptions: u64,
+    /// Batch items extended and exported.
+    pub batched: u64,
+    /// Copy-on-write copies answered.
+    pub copies: u64,
+    /// Extensions that held lookahead slots.
+    pub lookaheads: u64,
+    /// Allocations placed in chunks.
+    pub chunked: u64,
+    /// Stored and removed keys mirrored from events.
+    pub events: u64,
 }
 
 /// Polls a future to the end (the manager's futures never wait on anything
@@ -172,13 +228,19 @@ fn within_int8(got: &[u8], want: &[u8]) -> bool {
 }
 
 impl ManagerModel {
-    /// Two devices of up to 24 blocks (growing by 8), a 48-block host tier,
-    /// prefix caching with offload, over `Faulty` host memory.
+    /// [`with_policy`](Self::with_policy) with automatic preemption.
     #[allow(
         clippy::new_without_default,
         reason = "a model is built, not defaulted"
     )]
     pub fn new() -> Self {
+        Self::with_policy(PreemptionPolicy::Automatic)
+    }
+
+    /// Two devices of up to 24 blocks (growing by 8), a 48-block host tier,
+    /// prefix caching with offload, events recorded, over `Faulty` host
+    /// memory; `policy` preempts.
+    pub fn with_policy(policy: PreemptionPolicy) -> Self {
         let (be, knobs) = Faulty::new();
         let mut c = ManagerConfig::new(layout(), 24);
         c.initial_blocks = 8;
@@ -189,6 +251,8 @@ impl ManagerModel {
         c.max_sequences = 12;
         c.max_sequence_length = 64;
         c.hash_key = Some(*b"manager-model-k1");
+        c.preemption = policy;
+        c.record_events = true;
         let m = KvManager::new(be, c).expect("config");
         let bases = [
             (0..64).map(|i| i * 7 % 50).collect(),
@@ -201,9 +265,19 @@ impl ManagerModel {
             reqs: BTreeMap::new(),
             next_id: 1,
             bases,
+            policy,
+            mirror: Mirror::default(),
+            reported: Vec::new(),
+            answered: Vec::new(),
             ops: 0,
             hits: 0,
             cancelled: 0,
+            preemptions: 0,
+            batched: 0,
+            copies: 0,
+            lookaheads: 0,
+            chunked: 0,
+            events: 0,
         }
     }
 
@@ -238,6 +312,9 @@ impl ManagerModel {
             r.tokens.len(),
             "req {id}: token count"
         );
+        let table = r.handle.block_table().physical_blocks.len();
+        let want = (r.tokens.len() + r.lookahead as usize).div_ceil(BS);
+        assert_eq!(table, want, "req {id}: table of its tokens and lookahead");
         let bb = Self::block_bytes();
         for b in 0..r.tokens.len().div_ceil(BS) {
             let Ok(got) = self.m.read_block(RequestId(id), b) else {
@@ -280,6 +357,7 @@ impl ManagerModel {
     fn target(&self, op: &MOp) -> Option<u64> {
         match *op {
             MOp::Extend { pick, .. }
+            | MOp::Preempt { pick, .. }
             | MOp::Fork { pick }
             | MOp::SwapOut { pick }
             | MOp::SwapIn { pick }
@@ -295,22 +373,17 @@ impl ManagerModel {
     pub fn step(&mut self, op: &MOp) {
         let target = self.target(op);
         let before = self.places();
+        self.reported.clear();
+        self.answered.clear();
         let refused = match self.apply(op) {
             Ok(()) => false,
             Err(e) => {
-                assert!(
-                    matches!(
-                        e,
-                        ManagerError::OutOfMemory { .. }
-                            | ManagerError::Core(_)
-                            | ManagerError::UnknownRequest(_)
-                            | ManagerError::DuplicateRequest(_)
-                    ),
-                    "{op:?}: unexpected error {e}"
-                );
+                self.assert_acceptable(&e, op);
                 true
             }
         };
+        self.mirror_events();
+        self.check_preemptions_reported(op, target, &before);
         // A refused call leaves its request's tokens as they were, and a
         // request that was on a device there (a call that first brings a
         // request back from the host may leave it back; making room may have
@@ -332,6 +405,21 @@ impl ManagerModel {
         self.check_all();
     }
 
+    /// An error a refused call may give under this model's policy.
+    fn assert_acceptable(&self, e: &ManagerError, op: &MOp) {
+        let no_room = matches!(e, ManagerError::NoRoom { .. });
+        assert!(
+            matches!(
+                e,
+                ManagerError::OutOfMemory { .. }
+                    | ManagerError::Core(_)
+                    | ManagerError::UnknownRequest(_)
+                    | ManagerError::DuplicateRequest(_)
+            ) || (no_room && self.policy == PreemptionPolicy::Scheduler),
+            "{op:?}: unexpected error {e}"
+        );
+    }
+
     fn apply(&mut self, op: &MOp) -> Result<(), ManagerError> {
         match *op {
             MOp::Allocate {
@@ -341,10 +429,12 @@ impl ManagerModel {
                 suffix,
                 seed,
                 dev,
+                chunk,
             } => {
                 if self.reqs.len() >= 10 {
                     return Ok(());
                 }
+                let chunk = (chunk % 3 == 0).then_some(usize::from(chunk / 3 % 12) + 1);
                 let tenant = tenant % 3;
                 let b = &self.bases[base as usize % 3];
                 let mut tokens = b[..(prefix as usize % 40).min(b.len())].to_vec();
@@ -355,17 +445,19 @@ impl ManagerModel {
                     AllocationRequest::for_prompt(RequestId(id), tokens.clone(), 64, &layout());
                 r.cache_salt = (tenant > 0).then_some(u128::from(tenant));
                 r.device = Some(Device::Gpu(u16::from(dev % 2)));
-                let hits0 = self.m.stats().device_hit_blocks + self.m.stats().host_hit_blocks;
-                let handle = block_on(self.m.allocate(&r))?;
-                let s = self.m.stats();
-                let hits = (s.device_hit_blocks + s.host_hit_blocks - hits0) as usize;
+                r.prefill_chunk = chunk;
+                let a = block_on(self.m.allocate_request(&r))?;
+                let hits = self.check_allocation(&a, tokens.len(), chunk);
+                let pending = tokens.split_off(a.placed_tokens);
                 self.reqs.insert(
                     id,
                     MReq {
-                        handle,
+                        handle: a.handle,
                         tenant,
                         tokens,
                         lossy: false,
+                        lookahead: 0,
+                        pending,
                     },
                 );
                 // Hits hold the exact KV of this tenant's prefix already.
@@ -379,26 +471,54 @@ impl ManagerModel {
                 self.write(id, hits);
                 Ok(())
             }
-            MOp::Extend { pick, n, known } => {
+            MOp::Extend {
+                pick,
+                n,
+                known,
+                look,
+            } => {
                 let Some(id) = self.pick(pick) else {
                     return Ok(());
                 };
                 let n = n as usize % 9;
+                let lookahead = if look % 2 == 1 {
+                    u32::from(look / 2 % 4)
+                } else {
+                    0
+                };
                 let old = self.reqs[&id].tokens.len();
-                if old + n > 64 {
+                if old + n + lookahead as usize > 64 {
                     return Ok(());
                 }
-                let new: Vec<u32> = (0..n).map(|i| 200 + (old + i) as u32 % 13).collect();
-                if known {
-                    block_on(self.m.extend_tokens(RequestId(id), &new))?;
+                let new = self.next_tokens(id, n);
+                let blocks = self.reqs[&id].handle.block_table().physical_blocks.len();
+                let rid = RequestId(id);
+                if look % 2 == 1 {
+                    let item = ExtendItem {
+                        request: rid,
+                        tokens: known.then_some(&new[..]),
+                        count: n as u32,
+                        lookahead,
+                    };
+                    let x = block_on(self.m.extend_request(item))?;
+                    self.check_extension(id, &x, blocks, n, lookahead);
+                } else if known {
+                    block_on(self.m.extend_tokens(rid, &new))?;
                 } else {
-                    block_on(self.m.extend(RequestId(id), n))?;
+                    block_on(self.m.extend(rid, n))?;
                 }
-                let r = self.reqs.get_mut(&id).expect("picked");
-                r.tokens.extend(new);
-                // Appending brings a compressed request back, decompressed.
-                self.write(id, old / BS);
+                self.extended(id, new, known, lookahead);
                 Ok(())
+            }
+            MOp::Batch { first, count, look } => {
+                self.batch(first, count, look);
+                Ok(())
+            }
+            MOp::Preempt { pick, recompute } => {
+                let Some(id) = self.pick(pick) else {
+                    return Ok(());
+                };
+                self.preempt(id, recompute)
             }
             MOp::Fork { pick } => {
                 let Some(id) = self.pick(pick) else {
@@ -410,8 +530,10 @@ impl ManagerModel {
                 let child = self.next_id;
                 self.next_id += 1;
                 let handle = block_on(self.m.fork(RequestId(id), RequestId(child)))?;
+                // The child shares the written blocks, not the lookahead.
                 let r = MReq {
                     handle,
+                    lookahead: 0,
                     ..self.reqs[&id].clone()
                 };
                 self.reqs.insert(child, r);
@@ -470,6 +592,16 @@ impl ManagerModel {
                     3 => poll_once_then_drop(self.m.move_cache(rid, Device::Gpu(1))),
                     _ => poll_once_then_drop(self.m.extend(rid, 3)),
                 };
+                let done = match done {
+                    Some(true) if op % 5 == 4 => {
+                        // `extend` releases any lookahead.
+                        if let Some(r) = self.reqs.get_mut(&id) {
+                            r.lookahead = 0;
+                        }
+                        Some(true)
+                    }
+                    d => d,
+                };
                 self.knobs.slow_polls.store(0, Ordering::SeqCst);
                 self.cancelled += u64::from(done.is_none());
                 if done == Some(true) && op % 5 == 4 {
@@ -478,6 +610,7 @@ impl ManagerModel {
                     // that the model names for the bytes.
                     let r = self.reqs.get_mut(&id).expect("picked");
                     r.tokens.extend((0..3).map(|i| 300 + (old + i) as u32));
+                    r.pending.clear();
                     self.write(id, old / BS);
                 }
                 if let (Some(true), 2, Some(r)) = (done, op % 5, self.reqs.get_mut(&id)) {
