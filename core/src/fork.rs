@@ -42,9 +42,12 @@ fn add_refs(p: &mut BlockPool<'_>, blocks: &[BlockId]) -> Result<()> {
 
 impl<H: BlockHasher> KvCache<'_, H> {
     /// Keeps only the blocks that overlap the last `tokens` tokens (0: no
-    /// window). Blocks that leave the window are released at once and on
-    /// every later append. Returns the blocks released now.
-    pub fn set_window(&mut self, id: SeqId, tokens: u32) -> Result<u32> {
+    /// window). Blocks that left the window are released now, of the first
+    /// `written` tokens (those whose KV exists: a new request's prefix hits,
+    /// not the prompt it is about to prefill, whose first positions still
+    /// attend to earlier ones), and on every later append. Returns the
+    /// blocks released now.
+    pub fn set_window(&mut self, id: SeqId, tokens: u32, written: u32) -> Result<u32> {
         let (s, pi) = self.active(id)?;
         let mut slot = *s;
         slot.window = tokens;
@@ -54,7 +57,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
             .get_mut(pi)
             .ok_or(Error::UnknownPool(PoolId(slot.pool)))?;
         let row = row_of_mut(&mut self.tables, id.index, self.width);
-        let written = slot.tokens;
+        let written = written.min(slot.tokens);
         let freed = Self::apply_window(&mut slot, p, row, bs, written)?;
         if let Some(e) = self.seqs.at_mut(id.index) {
             *e = slot;
@@ -62,10 +65,11 @@ impl<H: BlockHasher> KvCache<'_, H> {
         Ok(freed)
     }
 
-    /// Releases the blocks wholly before the window. Only blocks whose KV is
-    /// already written (wholly before `written` tokens) go: a block that
-    /// receives tokens of the current step stays until the next one, or it
-    /// would be published (and reusable) before its KV exists.
+    /// Releases the blocks no position from `written` on attends to: the
+    /// step computes positions `written..tokens`, and position `p` attends
+    /// to the window's tokens up to it, `p + 1 - window ..= p` (a block
+    /// that receives tokens of the current step also stays until the next
+    /// one, or it would be published, and reusable, before its KV exists).
     pub(crate) fn apply_window(
         slot: &mut SeqSlot,
         p: &mut BlockPool<'_>,
@@ -76,7 +80,10 @@ impl<H: BlockHasher> KvCache<'_, H> {
         if slot.window == 0 || slot.tokens <= slot.window {
             return Ok(0);
         }
-        let start = (slot.tokens - slot.window).min(written);
+        let start = slot
+            .tokens
+            .min(written.saturating_add(1))
+            .saturating_sub(slot.window);
         let keep_from = (start / bs).min(slot.blocks);
         let mut freed = 0;
         while slot.first_live < keep_from {

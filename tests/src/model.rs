@@ -928,7 +928,7 @@ impl Model {
                 let Some(seq) = self.pick(pick) else {
                     return Ok(());
                 };
-                match self.cache.set_window(seq, u32::from(w % 16) * 3) {
+                match self.cache.set_window(seq, u32::from(w % 16) * 3, u32::MAX) {
                     Ok(_) | Err(Error::SequenceBusy(_) | Error::SequenceSwappedOut(_)) => Ok(()),
                     Err(e) => panic!("unexpected {e}"),
                 }

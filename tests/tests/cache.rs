@@ -294,15 +294,19 @@ fn kernel_exports() {
 fn sliding_window_frees_blocks_that_left_it() {
     let mut c = cache_with(config(), &[32], 0);
     let a = c.allocate(GPU, &Prompt::ids(&toks(10, 8))).unwrap().seq;
-    assert_eq!(c.set_window(a, 4).unwrap(), 1);
+    // Nothing written yet (a prompt to prefill): every block stays.
+    assert_eq!(c.set_window(a, 4, 0).unwrap(), 0);
+    assert_eq!(c.set_window(a, 4, 10).unwrap(), 1);
     assert_eq!(c.table(a).unwrap()[0], HOLE);
     let out = c.append(a, &toks(8, 9)).unwrap();
-    // 18 tokens, window 4 covers 14..18: blocks 0..3 leave, but block 2 only
-    // once the tokens written this step are in it.
-    assert_eq!(out.window_freed, 1);
+    // 18 tokens, window 4: this step computes positions 10..18, and
+    // position 10 attends to 7..=10, so block 1 (4..8) stays this step.
+    assert_eq!(out.window_freed, 0);
     let info = c.info(a).unwrap();
-    assert_eq!((info.first_live, info.blocks), (2, 5));
-    c.append(a, &[1]).unwrap();
+    assert_eq!((info.first_live, info.blocks), (1, 5));
+    // Next step: position 18 attends to 15..=18; blocks 1 and 2 leave.
+    let out = c.append(a, &[1]).unwrap();
+    assert_eq!(out.window_freed, 2);
     assert_eq!(c.info(a).unwrap().first_live, 3);
     let mut idx = [0i32; 8];
     let (mut ip, mut last) = ([0i32; 2], [0i32; 1]);
