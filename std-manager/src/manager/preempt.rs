@@ -60,23 +60,40 @@ impl Room {
 impl<B: ManagedBackend> KvManager<B> {
     /// Settles one attempt of a call that needs room: `Some` when it is done
     /// (or failed for another reason: `Err`), `None` after the core answered
-    /// out-of-blocks and room was made on the device (growth, then, with
-    /// automatic preemption, requests other than `keep` swapped out): try
-    /// again. With preemption left to the scheduler, no room is
-    /// [`ManagerError::NoRoom`]. Used as
+    /// out-of-blocks and room was made on the device: try again. Room is
+    /// made by growing the pool (as long as it can), then, with automatic
+    /// preemption, by up to `ROOM_TRIES` rounds of swapping out requests
+    /// other than `keep` and the batch's; with preemption left to the
+    /// scheduler, no room is [`ManagerError::NoRoom`]. Used as
     /// `loop { if let Some(v) = self.with_room(attempt.await, &mut room).await? { break v } }`.
     pub(super) async fn with_room<T>(&self, r: Result<T>, room: &mut Room) -> Result<Option<T>> {
         match r {
-            Err(ManagerError::Core(pagedkv_core::Error::OutOfBlocks { needed, available }))
-                if room.tries < ROOM_TRIES =>
-            {
-                room.tries += 1;
+            Err(ManagerError::Core(pagedkv_core::Error::OutOfBlocks { needed, available })) => {
+                // Growing the pool is bounded by its maximum: always retry.
+                if self.grow(room.device)? {
+                    return Ok(None);
+                }
                 let missing = needed.saturating_sub(available).max(1);
+                if room.tries >= ROOM_TRIES {
+                    let device = self.device_at(room.device);
+                    return Err(match self.shared.config.preemption {
+                        PreemptionPolicy::Scheduler => ManagerError::NoRoom { device, missing },
+                        PreemptionPolicy::Automatic => ManagerError::OutOfMemory {
+                            needed: needed as usize,
+                            device,
+                        },
+                    });
+                }
+                room.tries += 1;
                 self.make_room(room, needed as usize, missing).await?;
                 Ok(None)
             }
             r => r.map(Some),
         }
+    }
+
+    fn device_at(&self, d: usize) -> Device {
+        self.shared.devices.get(d).copied().unwrap_or(Device::Cpu)
     }
 
     /// Backs more blocks of device `d` (one region) if below `max_blocks`;
@@ -138,15 +155,12 @@ impl<B: ManagedBackend> KvManager<B> {
         Ok(true)
     }
 
-    /// Makes room for `needed` blocks on the room's device: grow the pool;
-    /// else, with automatic preemption, swap out requests chosen by the
+    /// Makes room for `needed` blocks on the room's device (which cannot
+    /// grow): with automatic preemption, swap out requests chosen by the
     /// policy (recorded in the room and as events); else `NoRoom`.
     async fn make_room(&self, room: &mut Room, needed: usize, missing: u32) -> Result<()> {
         let d = room.device;
-        if self.grow(d)? {
-            return Ok(());
-        }
-        let device = self.shared.devices.get(d).copied().unwrap_or(Device::Cpu);
+        let device = self.device_at(d);
         if self.shared.config.preemption == PreemptionPolicy::Scheduler {
             return Err(ManagerError::NoRoom { device, missing });
         }

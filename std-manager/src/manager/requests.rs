@@ -247,7 +247,7 @@ impl<B: ManagedBackend> KvManager<B> {
         let pool = self.shared.pools.device(pp.device);
         let a = inner.cache.allocate_chunk(pool, prompt, chunk)?;
         if let Some(w) = req.sliding_window
-            && let Err(e) = inner.cache.set_window(a.seq, w)
+            && let Err(e) = inner.cache.set_window(a.seq, w, a.hit_tokens)
         {
             let _ = inner.cache.free(a.seq);
             return Err(e.into());
