@@ -7,11 +7,24 @@ pub mod conformance;
 pub mod faulty;
 pub mod manager_model;
 pub mod model;
+pub mod transformer;
 
 use pagedkv_core::{
     BlockId, BlockPool, CacheConfig, KvCache, PoolConfig, PoolId, PoolStats, SeqId, SeqInfo,
     SipBlockHasher,
 };
+
+/// Polls a future to the end (the manager's futures wait on nothing but
+/// the backend, so polling in a loop is a complete executor).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}
 
 /// The hasher key every test uses (keys are reproducible run to run).
 pub const TEST_KEY: [u8; 16] = *b"pagedkv-tests-k1";

@@ -10,7 +10,8 @@ use pagedkv_manager::{
     Tier,
 };
 
-use super::{BS, MOp, ManagerModel, block_on};
+use super::{BS, MOp, ManagerModel};
+use crate::block_on;
 
 /// The keys a router believes each tier holds, from the events alone.
 #[derive(Default)]

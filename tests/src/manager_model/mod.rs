@@ -44,6 +44,7 @@ mod engine;
 
 use engine::Mirror;
 
+use crate::block_on;
 use crate::faulty::{Faulty, Knobs};
 
 /// Tokens per block.
@@ -176,18 +177,6 @@ pub struct ManagerModel {
     pub chunked: u64,
     /// Stored and removed keys mirrored from events.
     pub events: u64,
-}
-
-/// Polls a future to the end (the manager's futures never wait on anything
-/// but the backend, so polling in a loop is a complete executor).
-fn block_on<F: Future>(f: F) -> F::Output {
-    let mut f = std::pin::pin!(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-    }
 }
 
 /// Polls a call once and drops it: `None` if it was still pending (then
