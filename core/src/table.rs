@@ -108,6 +108,15 @@ fn to_i32(b: BlockId) -> Result<i32> {
 }
 
 impl<H: BlockHasher> KvCache<'_, H> {
+    /// Whether every block id of every pool is an `i32` (pools of at most
+    /// 2^31 blocks: always, in practice), so exports convert without a
+    /// check per entry.
+    fn ids_fit_i32(&self) -> bool {
+        self.pools
+            .iter()
+            .all(|p| i32::try_from(p.max_blocks()).is_ok())
+    }
+
     /// An owned snapshot of a sequence's table in the seed's shape.
     #[cfg(feature = "alloc")]
     pub fn block_table(&self, id: SeqId) -> Result<BlockTable> {
@@ -134,28 +143,27 @@ impl<H: BlockHasher> KvCache<'_, H> {
             .checked_mul(max_blocks)
             .ok_or(Error::LengthOverflow)?;
         check_out(needed, out.len())?;
+        let fit = self.ids_fit_i32();
         for &s in seqs {
             let t = self.table(s)?;
             check_out(t.len(), max_blocks)?;
-            to_i32(
-                t.iter()
-                    .copied()
-                    .filter(|&b| b != HOLE)
-                    .max()
-                    .unwrap_or(BlockId(0)),
-            )?;
+            if !fit {
+                for &b in t.iter().filter(|&&b| b != HOLE) {
+                    to_i32(b)?;
+                }
+            }
         }
         if max_blocks == 0 {
             return Ok(());
         }
         for (row, &s) in out.chunks_exact_mut(max_blocks).zip(seqs) {
             let t = self.table(s)?;
-            for (o, &b) in row
-                .iter_mut()
-                .zip(t.iter().chain(core::iter::repeat(&HOLE)))
-            {
-                *o = if b == HOLE { pad } else { to_i32(b)? };
+            let (head, tail) = row.split_at_mut(t.len());
+            for (o, &b) in head.iter_mut().zip(t) {
+                // Checked above: every id is an i32.
+                *o = if b == HOLE { pad } else { b.0 as i32 };
             }
+            tail.fill(pad);
         }
         Ok(())
     }
@@ -243,25 +251,40 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let i32_of = |x: usize| i32::try_from(x).map_err(|_| Error::LengthOverflow);
         i32_of(total)?;
         let bs = self.config().tokens_per_block;
-        let mut k = 0usize;
-        let mut idx = indices.iter_mut();
-        let mut ptr = indptr.iter_mut();
-        if let Some(p) = ptr.next() {
-            *p = 0;
-        }
-        for ((&s, p), last) in seqs.iter().zip(ptr).zip(last_page_len.iter_mut()) {
-            let info = self.info(s)?;
-            let pages = self.written_blocks(&info);
-            let t = self.table(s)?;
-            for &b in t
-                .get(info.first_live as usize..pages as usize)
-                .unwrap_or(&[])
-            {
-                if let Some(o) = idx.next() {
-                    *o = to_i32(b)?;
-                    k += 1;
+        let fit = self.ids_fit_i32();
+        if !fit {
+            for &s in seqs {
+                let info = self.info(s)?;
+                let pages = self.written_blocks(&info) as usize;
+                for &b in self
+                    .table(s)?
+                    .get(info.first_live as usize..pages)
+                    .unwrap_or(&[])
+                {
+                    to_i32(b)?;
                 }
             }
+        }
+        let mut k = 0usize;
+        if let Some(p) = indptr.first_mut() {
+            *p = 0;
+        }
+        let ptrs = indptr.get_mut(1..).unwrap_or(&mut []);
+        for ((&s, p), last) in seqs.iter().zip(ptrs).zip(last_page_len.iter_mut()) {
+            let info = self.info(s)?;
+            let pages = self.written_blocks(&info);
+            let live = self
+                .table(s)?
+                .get(info.first_live as usize..pages as usize)
+                .unwrap_or(&[]);
+            // Sized above: `total` entries fit.
+            let dst = indices
+                .get_mut(k..k + live.len())
+                .ok_or(Error::LengthOverflow)?;
+            for (o, &b) in dst.iter_mut().zip(live) {
+                *o = b.0 as i32;
+            }
+            k += live.len();
             *p = i32_of(k)?;
             *last = if pages == 0 {
                 0

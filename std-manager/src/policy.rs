@@ -1,6 +1,5 @@
 //! Eviction policies: which requests to preempt under pressure.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -25,21 +24,25 @@ fn take_until(
 
 #[derive(Debug, Default)]
 struct Accesses {
-    last: HashMap<RequestId, Instant>,
-    count: HashMap<RequestId, u64>,
+    /// Per request: last use and uses.
+    seen: hashbrown::HashMap<RequestId, (Instant, u64)>,
 }
 
 impl Accesses {
-    fn record(m: &Mutex<Self>, id: RequestId, at: Instant) {
+    fn record(m: &Mutex<Self>, ids: &mut dyn Iterator<Item = RequestId>, at: Instant) {
         let mut a = lock(m);
-        a.last.insert(id, at);
-        *a.count.entry(id).or_default() += 1;
+        for id in ids {
+            let e = a.seen.entry(id).or_insert((at, 0));
+            *e = (at, e.1 + 1);
+        }
     }
 
     fn forget(m: &Mutex<Self>, id: RequestId) {
-        let mut a = lock(m);
-        a.last.remove(&id);
-        a.count.remove(&id);
+        lock(m).seen.remove(&id);
+    }
+
+    fn last(&self, id: RequestId) -> Option<Instant> {
+        self.seen.get(&id).map(|e| e.0)
     }
 }
 
@@ -62,10 +65,7 @@ fn lock(m: &Mutex<Accesses>) -> std::sync::MutexGuard<'_, Accesses> {
 impl CacheEvictionPolicy for LruEvictionPolicy {
     fn select_eviction_candidates(&self, required: usize, c: &[Candidate]) -> Vec<RequestId> {
         let a = lock(&self.0);
-        let mut v: Vec<_> = c
-            .iter()
-            .map(|c| (a.last.get(&c.request_id).copied(), c))
-            .collect();
+        let mut v: Vec<_> = c.iter().map(|c| (a.last(c.request_id), c)).collect();
         // `None` (never seen) sorts first: oldest.
         v.sort_by_key(|&(t, c)| (t, c.request_id));
         take_until(
@@ -74,7 +74,10 @@ impl CacheEvictionPolicy for LruEvictionPolicy {
         )
     }
     fn record_access(&self, id: RequestId, at: Instant) {
-        Accesses::record(&self.0, id, at);
+        Accesses::record(&self.0, &mut std::iter::once(id), at);
+    }
+    fn record_accesses(&self, ids: &mut dyn Iterator<Item = RequestId>, at: Instant) {
+        Accesses::record(&self.0, ids, at);
     }
     fn forget(&self, id: RequestId) {
         Accesses::forget(&self.0, id);
@@ -102,8 +105,8 @@ impl CacheEvictionPolicy for LfuEvictionPolicy {
             .iter()
             .map(|c| {
                 (
-                    a.count.get(&c.request_id).copied().unwrap_or(0),
-                    a.last.get(&c.request_id).copied(),
+                    a.seen.get(&c.request_id).map_or(0, |e| e.1),
+                    a.last(c.request_id),
                     c,
                 )
             })
@@ -115,7 +118,10 @@ impl CacheEvictionPolicy for LfuEvictionPolicy {
         )
     }
     fn record_access(&self, id: RequestId, at: Instant) {
-        Accesses::record(&self.0, id, at);
+        Accesses::record(&self.0, &mut std::iter::once(id), at);
+    }
+    fn record_accesses(&self, ids: &mut dyn Iterator<Item = RequestId>, at: Instant) {
+        Accesses::record(&self.0, ids, at);
     }
     fn forget(&self, id: RequestId) {
         Accesses::forget(&self.0, id);
@@ -141,7 +147,7 @@ impl CacheEvictionPolicy for PriorityEvictionPolicy {
         let a = lock(&(self.0).0);
         let mut v: Vec<_> = c
             .iter()
-            .map(|c| (c.priority, a.last.get(&c.request_id).copied(), c))
+            .map(|c| (c.priority, a.last(c.request_id), c))
             .collect();
         v.sort_by_key(|&(p, t, c)| (p, t, c.request_id));
         take_until(
@@ -151,6 +157,9 @@ impl CacheEvictionPolicy for PriorityEvictionPolicy {
     }
     fn record_access(&self, id: RequestId, at: Instant) {
         self.0.record_access(id, at);
+    }
+    fn record_accesses(&self, ids: &mut dyn Iterator<Item = RequestId>, at: Instant) {
+        self.0.record_accesses(ids, at);
     }
     fn forget(&self, id: RequestId) {
         self.0.forget(id);

@@ -191,6 +191,17 @@ pub trait CacheEvictionPolicy: Send + Sync {
     /// Records a use (takes `&self`: the seed's `&mut self` could not be
     /// called through the shared policy object).
     fn record_access(&self, request_id: RequestId, at: std::time::Instant);
+    /// Records uses of several requests at one time (a decode step): one
+    /// call, so a policy can take its lock once.
+    fn record_accesses(
+        &self,
+        request_ids: &mut dyn Iterator<Item = RequestId>,
+        at: std::time::Instant,
+    ) {
+        for id in request_ids {
+            self.record_access(id, at);
+        }
+    }
     /// Forgets a request.
     fn forget(&self, request_id: RequestId);
     /// The policy's name.

@@ -5,7 +5,7 @@
     reason = "pool indices are below MAX_POOLS; sizes are checked as u32 first"
 )]
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 

@@ -52,7 +52,7 @@ mod seed_multi;
 mod transfer;
 mod wait;
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 

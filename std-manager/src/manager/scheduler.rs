@@ -61,6 +61,7 @@ impl<B: ManagedBackend> KvManager<B> {
     /// (cleared first; its capacity is reused).
     pub async fn extend_batch(&self, items: &[ExtendItem<'_>], out: &mut Vec<Result<Extension>>) {
         out.clear();
+        let mut slow = false;
         {
             let mut guard = lock(&self.shared.inner);
             let inner = &mut *guard;
@@ -87,22 +88,25 @@ impl<B: ManagedBackend> KvManager<B> {
                     }
                     _ => None,
                 };
+                slow |= fast.is_none();
                 // A placeholder until the one-by-one path below answers.
                 out.push(fast.ok_or(ManagerError::UnknownRequest(item.request)));
             }
+            // One policy call for the step (the lock order is inner, then
+            // the policy's, as when it picks victims).
+            let mut done = items
+                .iter()
+                .zip(out.iter())
+                .filter(|(_, r)| r.is_ok())
+                .map(|(i, _)| i.request);
+            self.shared.policy.record_accesses(&mut done, now);
         }
-        let batch: Vec<RequestId> = if out.iter().all(Result::is_ok) {
-            Vec::new()
-        } else {
-            items.iter().map(|i| i.request).collect()
-        };
-        for (item, r) in items.iter().zip(out.iter_mut()) {
-            if r.is_ok() {
-                self.shared
-                    .policy
-                    .record_access(item.request, Instant::now());
-            } else {
-                *r = self.extend_item(*item, &batch).await;
+        if slow {
+            let batch: Vec<RequestId> = items.iter().map(|i| i.request).collect();
+            for (item, r) in items.iter().zip(out.iter_mut()) {
+                if r.is_err() {
+                    *r = self.extend_item(*item, &batch).await;
+                }
             }
         }
         self.notify_pressure();
