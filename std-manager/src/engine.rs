@@ -202,3 +202,72 @@ impl ManagerEvent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use pagedkv_core::{KeyBatch, PoolId};
+
+    use super::*;
+
+    fn keys(k: &[u128]) -> KeyBatch {
+        let mut b = KeyBatch::new();
+        for &x in k {
+            b.push(BlockHash(x)).unwrap();
+        }
+        b
+    }
+
+    #[test]
+    fn core_events_keep_their_chain_and_take_the_tier() {
+        let tier = Tier::Device(Device::Gpu(1));
+        let stored = KvEvent::BlockStored {
+            pool: PoolId(3),
+            parent: Some(BlockHash(9)),
+            keys: keys(&[1, 2]),
+        };
+        assert_eq!(
+            ManagerEvent::from_core(stored, tier),
+            ManagerEvent::Stored {
+                tier,
+                parent: Some(BlockHash(9)),
+                keys: vec![BlockHash(1), BlockHash(2)],
+            }
+        );
+        let removed = KvEvent::BlockRemoved {
+            pool: PoolId(3),
+            keys: keys(&[2]),
+        };
+        assert_eq!(
+            ManagerEvent::from_core(removed, Tier::Host),
+            ManagerEvent::Removed {
+                tier: Tier::Host,
+                keys: vec![BlockHash(2)],
+            }
+        );
+        let cleared = KvEvent::AllCleared { pool: PoolId(3) };
+        assert_eq!(
+            ManagerEvent::from_core(cleared, tier),
+            ManagerEvent::Cleared { tier }
+        );
+    }
+
+    #[test]
+    fn an_extension_of_ids_counts_them() {
+        let ids = [4, 5, 6];
+        let item = ExtendItem::tokens(RequestId(1), &ids);
+        assert_eq!((item.count, item.lookahead), (3, 0));
+        assert_eq!(item.tokens, Some(&ids[..]));
+    }
+
+    #[test]
+    fn tiers_order_devices_before_the_host() {
+        let mut t = vec![
+            Tier::Host,
+            Tier::Device(Device::Gpu(1)),
+            Tier::Device(Device::Gpu(0)),
+        ];
+        t.sort();
+        assert_eq!(t[2], Tier::Host);
+        assert_eq!(PreemptionPolicy::default(), PreemptionPolicy::Scheduler);
+    }
+}

@@ -437,3 +437,46 @@ async fn no_room_names_the_missing_blocks_then_the_scheduler_preempts_and_retrie
     assert_eq!(m.get_cache_device(RequestId(2)), Some(Device::Gpu(0)));
     m.check_invariants().unwrap();
 }
+
+#[tokio::test]
+async fn adapters_and_multimodal_items_key_the_blocks() {
+    let m = manager(64, PreemptionPolicy::Scheduler);
+    let image = |content_hash| pagedkv_manager::core::MmItem {
+        content_hash,
+        offset: 4,
+        len: 8,
+    };
+    let with = |id, adapter, mm: Vec<_>| {
+        let mut r = request(id, prompt(32, 5));
+        r.adapter = adapter;
+        r.mm_items = mm;
+        r
+    };
+    let a = m
+        .allocate_request(&with(1, Some(7), vec![image(1)]))
+        .await
+        .unwrap();
+    assert_eq!(a.computed_tokens, 0);
+    // Same ids, same adapter and image: every block hits.
+    let b = m
+        .allocate_request(&with(2, Some(7), vec![image(1)]))
+        .await
+        .unwrap();
+    assert_eq!((b.device_hit_blocks, b.computed_tokens), (4, 32));
+    // Another adapter, or no adapter: nothing is shared.
+    for (id, adapter) in [(3, Some(8)), (4, None)] {
+        let c = m
+            .allocate_request(&with(id, adapter, vec![image(1)]))
+            .await
+            .unwrap();
+        assert_eq!(c.computed_tokens, 0, "adapter {adapter:?}");
+    }
+    // Another image over tokens 4..12: the first block (tokens 0..8) holds
+    // part of it, so no block is shared.
+    let d = m
+        .allocate_request(&with(5, Some(7), vec![image(2)]))
+        .await
+        .unwrap();
+    assert_eq!(d.computed_tokens, 0);
+    m.check_invariants().unwrap();
+}
