@@ -261,7 +261,7 @@ mod tests {
 
     #[test]
     fn tiers_order_devices_before_the_host() {
-        let mut t = vec![
+        let mut t = [
             Tier::Host,
             Tier::Device(Device::Gpu(1)),
             Tier::Device(Device::Gpu(0)),

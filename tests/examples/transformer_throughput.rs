@@ -42,7 +42,8 @@ fn run(prefix: bool) -> (f64, u64, u64) {
     for id in 0..REQUESTS {
         let mut p = system.clone();
         p.extend((0..QUESTION).map(|i| (id * 13 + i * 3) % 256));
-        e.admit(u64::from(id), &p, None).expect("room for every request");
+        e.admit(u64::from(id), &p, None)
+            .expect("room for every request");
     }
     let ids = e.running();
     for _ in 0..OUTPUT {
