@@ -171,13 +171,14 @@ async fn extend_batch_answers_each_item_and_refused_items_change_nothing() {
         .allocate_request(&request(2, prompt(16, 2)))
         .await
         .unwrap();
+    let _c = m.allocate_request(&request(3, prompt(8, 3))).await.unwrap();
     let before = snapshot(&m);
     let (one, two) = ([5u32], [6u32, 7]);
     let items = [
         ExtendItem::tokens(RequestId(1), &one),
         ExtendItem::tokens(RequestId(42), &one),
         ExtendItem {
-            request: RequestId(2),
+            request: RequestId(3),
             tokens: Some(&two),
             count: 1,
             lookahead: 0,
@@ -214,6 +215,7 @@ async fn extend_batch_answers_each_item_and_refused_items_change_nothing() {
     assert_eq!(now.requests[0].2, 21);
     assert_eq!(now.requests[1].2, 17);
     assert_eq!(now.requests[1].3.physical_blocks.len(), 3);
+    assert_eq!(now.requests[2], before.requests[2], "the refused item");
     // Nothing else moved: request 1 kept its blocks.
     assert_eq!(
         now.requests[0].3.physical_blocks,
@@ -479,4 +481,130 @@ async fn adapters_and_multimodal_items_key_the_blocks() {
         .unwrap();
     assert_eq!(d.computed_tokens, 0);
     m.check_invariants().unwrap();
+}
+
+#[tokio::test]
+async fn a_request_named_twice_in_a_batch_is_refused_the_second_time() {
+    let m = manager(32, PreemptionPolicy::Scheduler);
+    let _a = m
+        .allocate_request(&request(1, prompt(20, 1)))
+        .await
+        .unwrap();
+    let items = [
+        ExtendItem::tokens(RequestId(1), &[5]),
+        ExtendItem::tokens(RequestId(1), &[6]),
+    ];
+    let mut out = Vec::new();
+    m.extend_batch(&items, &mut out).await;
+    assert!(out[0].is_ok());
+    assert!(matches!(
+        out[1],
+        Err(ManagerError::DuplicateRequest(RequestId(1)))
+    ));
+    assert_eq!(m.get_handle(RequestId(1)).unwrap().num_tokens(), 21);
+    // The next batch may name it again.
+    m.extend_batch(&items[..1], &mut out).await;
+    assert!(out[0].is_ok());
+    let before = snapshot(&m);
+    let item = ExportItem {
+        request: RequestId(1),
+        new_tokens: 1,
+        lookahead: 0,
+    };
+    let mut t = KernelTables::default();
+    let e = m.export_tables(&[item, item], &mut t).unwrap_err();
+    assert!(
+        matches!(e, ManagerError::DuplicateRequest(RequestId(1))),
+        "{e}"
+    );
+    assert!(t.block_tables.is_empty() && t.slot_mapping.is_empty());
+    // Lookahead past u32: refused before any buffer is sized.
+    for (new_tokens, lookahead) in [(1, u32::MAX), (u32::MAX, 1), (u32::MAX, u32::MAX)] {
+        let item = ExportItem {
+            request: RequestId(1),
+            new_tokens,
+            lookahead,
+        };
+        assert!(m.export_tables(&[item], &mut t).is_err());
+        assert!(t.slot_mapping.is_empty());
+    }
+    assert_eq!(snapshot(&m), before);
+}
+
+#[tokio::test]
+async fn impossible_extensions_are_refused_before_anything_moves() {
+    let m = manager(32, PreemptionPolicy::Scheduler);
+    let _a = m
+        .allocate_request(&request(1, prompt(17, 1)))
+        .await
+        .unwrap();
+    // A fork shares the partial block: its next append needs a copy.
+    let _b = m.fork(RequestId(1), RequestId(2)).await.unwrap();
+    let _c = m
+        .allocate_request(&request(3, prompt(16, 3)))
+        .await
+        .unwrap();
+    m.preempt(RequestId(3), PreemptMode::Swap).await.unwrap();
+    let before = snapshot(&m);
+    for id in [2, 3] {
+        for (count, lookahead) in [(1, u32::MAX), (1, 5000), (u32::MAX, 0)] {
+            let item = ExtendItem {
+                request: RequestId(id),
+                tokens: None,
+                count,
+                lookahead,
+            };
+            let e = m.extend_request(item).await.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ManagerError::InvalidRequest(InvalidRequest::TooLong { .. })
+                        | ManagerError::Core(_)
+                ),
+                "request {id}, {count} + {lookahead}: {e}"
+            );
+        }
+    }
+    // No copy made, no swap-in, nothing preempted.
+    assert_eq!(snapshot(&m), before);
+    assert_eq!(m.get_cache_device(RequestId(3)), Some(Device::Cpu));
+    let mut events = Vec::new();
+    m.drain_events(&mut events);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, ManagerEvent::Preempted(_)))
+            .count(),
+        1,
+        "only the scheduler's preemption"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_extension_changes_only_the_lookahead() {
+    let m = manager(32, PreemptionPolicy::Scheduler);
+    let _a = m
+        .allocate_request(&request(1, prompt(12, 1)))
+        .await
+        .unwrap();
+    let x = m
+        .extend_request(ExtendItem {
+            request: RequestId(1),
+            tokens: None,
+            count: 0,
+            lookahead: 6,
+        })
+        .await
+        .unwrap();
+    assert_eq!(x.new_blocks, 1, "12 tokens and 6 slots: 3 blocks");
+    // The request still publishes: its next full block is a prefix hit.
+    let rest: Vec<u32> = prompt(16, 1)[12..].to_vec();
+    m.extend_request(ExtendItem::tokens(RequestId(1), &rest))
+        .await
+        .unwrap();
+    let b = m
+        .allocate_request(&request(2, prompt(16, 1)))
+        .await
+        .unwrap();
+    assert_eq!(b.device_hit_blocks, 2, "both full blocks were published");
 }

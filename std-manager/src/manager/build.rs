@@ -212,6 +212,7 @@ impl<B: ManagedBackend> KvManager<B> {
             events_lost: 0,
             lost_reported: 0,
             scratch: Vec::new(),
+            batches: 0,
             pressure,
             stats: Counters::default(),
         };

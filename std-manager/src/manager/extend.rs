@@ -13,9 +13,9 @@ use super::preempt::Room;
 use super::requests::too_long;
 use super::transfer::CopyOp;
 use super::wait::backoff;
-use super::{Inner, KvManager, ManagedBackend, lock};
+use super::{Inner, KvManager, ManagedBackend, ReqState, lock};
 use crate::engine::Extension;
-use crate::error::{ManagerError, Result};
+use crate::error::{InvalidRequest, ManagerError, Result};
 use crate::types::RequestId;
 
 /// Waits (growing to 1 ms each, so about a second in all) for another task
@@ -44,9 +44,13 @@ impl<B: ManagedBackend> KvManager<B> {
                 .reqs
                 .get(&id)
                 .ok_or(ManagerError::UnknownRequest(id))?;
+            // Before anything moves (a swap-in, a copy, preemptions).
+            self.check_fits(&inner, st, n, lookahead)?;
             Room::on(st.device, Some(id)).keeping(batch)
         };
-        let swapped_in = self.ensure_on_device_keeping(id, batch).await?;
+        let swapped_in = self
+            .ensure_on_device_keeping(id, batch, &mut room.preempted)
+            .await?;
         let res = loop {
             let r = self.append_once(id, n, tokens, lookahead).await;
             match self.with_room(r, &mut room).await {
@@ -70,8 +74,34 @@ impl<B: ManagedBackend> KvManager<B> {
         }
     }
 
+    /// Refuses an extension that can never fit: past the longest sequence,
+    /// or more blocks than its device pool has.
+    fn check_fits(&self, inner: &Inner, st: &ReqState, n: u32, lookahead: u32) -> Result<()> {
+        let info = inner.cache.info(st.seq)?;
+        let end = u64::from(info.tokens) + u64::from(n) + u64::from(lookahead);
+        let max = self.shared.config.max_sequence_length;
+        if end > max as u64 {
+            return Err(InvalidRequest::TooLong {
+                tokens: usize::try_from(end).unwrap_or(usize::MAX),
+                max,
+            }
+            .into());
+        }
+        let bs = u64::from(self.shared.config.layout.tokens_per_block);
+        let capacity = inner
+            .cache
+            .pool(self.shared.pools.device(st.device))?
+            .max_blocks();
+        let needed = end.div_ceil(bs);
+        if needed > u64::from(capacity) {
+            return Err(pagedkv_core::Error::LargerThanPool { needed, capacity }.into());
+        }
+        Ok(())
+    }
+
     /// The reservation and append of an extension, in the core, once no copy
-    /// is needed. All or nothing.
+    /// is needed. All or nothing. Appending no token changes only the
+    /// reservation (an empty append would stop the request's publishing).
     pub(super) fn core_extend(
         inner: &mut Inner,
         seq: SeqId,
@@ -84,6 +114,11 @@ impl<B: ManagedBackend> KvManager<B> {
             .cache
             .reserve(seq, n.checked_add(lookahead).ok_or_else(too_long)?)?;
         let out = match tokens {
+            _ if n == 0 => Ok(pagedkv_core::Appended {
+                new_blocks: 0,
+                cow: None,
+                window_freed: 0,
+            }),
             Some(t) => inner.cache.append(seq, t),
             None => inner.cache.append_len(seq, n),
         };

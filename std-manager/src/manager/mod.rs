@@ -109,6 +109,9 @@ struct ReqState {
     handle: Weak<Handle>,
     device: usize,
     last_access: Instant,
+    /// The last batch call (`Inner::batches`) that named it: a request
+    /// named twice in one batch is refused the second time.
+    mark: u64,
 }
 
 /// Blocks handed out by `BlockAllocator::allocate_blocks` (sorted, to match
@@ -137,6 +140,8 @@ struct Inner {
     lost_reported: u64,
     /// Sequence ids of a batched export (kept, so an export allocates nothing).
     scratch: Vec<SeqId>,
+    /// Batch calls so far (see `ReqState::mark`).
+    batches: u64,
     pressure: PressureMonitor,
     stats: Counters,
 }

@@ -189,9 +189,23 @@ impl<B: ManagedBackend> KvManager<B> {
                     })
                 })
                 .collect();
-            self.shared
+            let victims = self
+                .shared
                 .policy
-                .select_eviction_candidates(needed, &cands)
+                .select_eviction_candidates(missing as usize, &cands);
+            // Preempt only if the victims hold enough blocks (counting the
+            // ones they share, which free less): never swap out in vain
+            // when even all of them would not do.
+            let freed: usize = cands
+                .iter()
+                .filter(|c| victims.contains(&c.request_id))
+                .map(|c| c.blocks)
+                .sum();
+            if freed < missing as usize {
+                Vec::new()
+            } else {
+                victims
+            }
         };
         if victims.is_empty() {
             return Err(ManagerError::OutOfMemory { needed, device });
@@ -244,7 +258,7 @@ impl<B: ManagedBackend> KvManager<B> {
 
     /// The compressed pool of device `d` for `format`, created (with memory
     /// for the device's current capacity) the first time it is needed.
-    fn compressed_pool(&self, d: usize, format: QuantFormat) -> Result<PoolId> {
+    pub(super) fn compressed_pool(&self, d: usize, format: QuantFormat) -> Result<PoolId> {
         let pools = &self.shared.pools;
         let mut dev = lock(&self.shared.dev);
         let mut inner = lock(&self.shared.inner);
@@ -364,15 +378,17 @@ impl<B: ManagedBackend> KvManager<B> {
     /// Brings a request back to its device if it is swapped out or
     /// compressed (making room as the preemption policy says). Whether it moved.
     pub(super) async fn ensure_on_device(&self, id: RequestId) -> Result<bool> {
-        self.ensure_on_device_keeping(id, &[]).await
+        let mut preempted = Vec::new();
+        self.ensure_on_device_keeping(id, &[], &mut preempted).await
     }
 
     /// [`ensure_on_device`](Self::ensure_on_device), never preempting the
-    /// requests of `batch`.
+    /// requests of `batch`; the preemptions it made go to `preempted`.
     pub(super) async fn ensure_on_device_keeping(
         &self,
         id: RequestId,
         batch: &[RequestId],
+        preempted: &mut Vec<Preemption>,
     ) -> Result<bool> {
         let (place, device) = {
             let inner = lock(&self.shared.inner);
@@ -386,11 +402,15 @@ impl<B: ManagedBackend> KvManager<B> {
             return Ok(false);
         }
         let mut room = Room::on(device, Some(id)).keeping(batch);
-        loop {
+        let r = loop {
             let r = self.move_request(id, Place::Device(device)).await;
-            if let Some(()) = self.with_room(r, &mut room).await? {
-                return Ok(true);
+            match self.with_room(r, &mut room).await {
+                Ok(Some(())) => break Ok(true),
+                Ok(None) => {}
+                Err(e) => break Err(e),
             }
-        }
+        };
+        preempted.append(&mut room.preempted);
+        r
     }
 }

@@ -261,6 +261,7 @@ impl<B: ManagedBackend> KvManager<B> {
                 handle: Arc::downgrade(&handle),
                 device: pp.device,
                 last_access: Instant::now(),
+                mark: 0,
             },
         );
         inner.stats.allocations += 1;
@@ -322,6 +323,7 @@ impl<B: ManagedBackend> KvManager<B> {
                 handle: Arc::downgrade(&handle),
                 device,
                 last_access: Instant::now(),
+                mark: 0,
             },
         );
         drop(inner);

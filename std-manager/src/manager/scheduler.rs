@@ -16,6 +16,14 @@ use crate::error::{ManagerError, Result};
 use crate::types::{AllocationRequest, RequestId};
 
 impl<B: ManagedBackend> KvManager<B> {
+    /// The placeholder answer of a batch item left to the one-by-one path
+    /// (which answers a truly unknown `u64::MAX` as unknown too).
+    const SLOW: ManagerError = ManagerError::UnknownRequest(RequestId(u64::MAX));
+
+    fn is_slow(r: &Result<Extension>) -> bool {
+        matches!(r, Err(ManagerError::UnknownRequest(RequestId(u64::MAX))))
+    }
+
     /// Allocates `req` and says what it got: the prompt tokens already
     /// computed (prefix hits, by tier: skip their prefill), the tokens placed
     /// (the hits and one chunk with `prefill_chunk`), the preemptions made for
@@ -57,40 +65,52 @@ impl<B: ManagedBackend> KvManager<B> {
     /// on its device and needs neither a copy nor room; the others one by one,
     /// as [`extend_request`](Self::extend_request), except that automatic
     /// preemption never picks a request of the batch (the KV of their new
-    /// slots is not written yet). `out` gets one answer per item, in order
-    /// (cleared first; its capacity is reused).
+    /// slots is not written yet). A request named twice is refused the
+    /// second time (`DuplicateRequest`). `out` gets one answer per item, in
+    /// order (cleared first; its capacity is reused).
     pub async fn extend_batch(&self, items: &[ExtendItem<'_>], out: &mut Vec<Result<Extension>>) {
         out.clear();
         let mut slow = false;
         {
             let mut guard = lock(&self.shared.inner);
             let inner = &mut *guard;
-            let now = Instant::now();
+            inner.batches += 1;
+            let (batch, now) = (inner.batches, Instant::now());
             for item in items {
-                let fast = match inner.reqs.get_mut(&item.request) {
-                    Some(st) if item.tokens.is_none_or(|t| t.len() == item.count as usize) => {
+                let answer = match inner.reqs.get_mut(&item.request) {
+                    Some(st) if st.mark == batch => {
+                        Err(ManagerError::DuplicateRequest(item.request))
+                    }
+                    Some(st) => {
+                        st.mark = batch;
                         st.last_access = now;
                         let seq = st.seq;
+                        let ids_match = item.tokens.is_none_or(|t| t.len() == item.count as usize);
                         let on_device = inner.cache.info(seq).is_ok_and(|i| {
                             !i.moving && self.shared.pools.device_of(i.pool).is_some()
                         });
-                        let plain = on_device
+                        let plain = ids_match
+                            && on_device
                             && inner
                                 .cache
                                 .append_needs(seq, item.count)
                                 .is_ok_and(|n| !n.cow);
-                        if plain {
-                            Self::core_extend(inner, seq, item.count, item.tokens, item.lookahead)
-                                .ok()
-                        } else {
-                            None
+                        match plain {
+                            true => Self::core_extend(
+                                inner,
+                                seq,
+                                item.count,
+                                item.tokens,
+                                item.lookahead,
+                            )
+                            .map_err(|_| Self::SLOW),
+                            false => Err(Self::SLOW),
                         }
                     }
-                    _ => None,
+                    None => Err(ManagerError::UnknownRequest(item.request)),
                 };
-                slow |= fast.is_none();
-                // A placeholder until the one-by-one path below answers.
-                out.push(fast.ok_or(ManagerError::UnknownRequest(item.request)));
+                slow |= Self::is_slow(&answer);
+                out.push(answer);
             }
             // One policy call for the step (the lock order is inner, then
             // the policy's, as when it picks victims).
@@ -104,7 +124,7 @@ impl<B: ManagedBackend> KvManager<B> {
         if slow {
             let batch: Vec<RequestId> = items.iter().map(|i| i.request).collect();
             for (item, r) in items.iter().zip(out.iter_mut()) {
-                if r.is_err() {
+                if Self::is_slow(r) {
                     *r = self.extend_item(*item, &batch).await;
                 }
             }
@@ -118,8 +138,9 @@ impl<B: ManagedBackend> KvManager<B> {
     /// as the longest table, which includes lookahead slots) and
     /// `slot_mapping` (each item's new tokens, then its lookahead slots), and
     /// FlashInfer `indptr` / `indices` / `last_page_len`. All or nothing: on
-    /// an error (an unknown request, one off its device, more tokens than it
-    /// holds) the buffers are left empty.
+    /// an error (an unknown request, one named twice, one off its device,
+    /// more new tokens than it holds or lookahead than it reserved) the
+    /// buffers are left empty.
     pub fn export_tables(&self, items: &[ExportItem], tables: &mut KernelTables) -> Result<()> {
         let mut guard = lock(&self.shared.inner);
         let inner = &mut *guard;
@@ -147,22 +168,54 @@ impl<B: ManagedBackend> KvManager<B> {
     ) -> Result<()> {
         let mut seqs = std::mem::take(&mut inner.scratch);
         seqs.clear();
+        let r = Self::export_with(inner, pools, items, tables, &mut seqs);
+        inner.scratch = seqs;
+        r
+    }
+
+    fn export_with(
+        inner: &mut super::Inner,
+        pools: &super::pools::PoolMap,
+        items: &[ExportItem],
+        tables: &mut KernelTables,
+        seqs: &mut Vec<pagedkv_core::SeqId>,
+    ) -> Result<()> {
+        inner.batches += 1;
+        let batch = inner.batches;
+        let bs = u64::from(inner.cache.config().tokens_per_block);
         let mut max_blocks = 0usize;
-        let mut slots = 0usize;
+        let mut slots = 0u64;
+        // Everything is checked before anything is written.
         for it in items {
             let st = inner
                 .reqs
-                .get(&it.request)
+                .get_mut(&it.request)
                 .ok_or(ManagerError::UnknownRequest(it.request))?;
+            if st.mark == batch {
+                return Err(ManagerError::DuplicateRequest(it.request));
+            }
+            st.mark = batch;
             let info = inner.cache.info(st.seq)?;
             if pools.device_of(info.pool).is_none() || info.moving {
-                inner.scratch = seqs;
                 return Err(pagedkv_core::Error::SequenceSwappedOut(st.seq).into());
             }
+            let (tokens, new) = (u64::from(info.tokens), u64::from(it.new_tokens));
+            let first_kept = u64::from(info.first_live) * bs;
+            if new > tokens || tokens - new < first_kept || it.lookahead > info.reserved {
+                return Err(pagedkv_core::Error::TooManyTokens {
+                    requested: new + u64::from(it.lookahead),
+                    available: info
+                        .tokens
+                        .saturating_sub(info.first_live * inner.cache.config().tokens_per_block)
+                        + info.reserved,
+                }
+                .into());
+            }
             max_blocks = max_blocks.max(info.blocks as usize);
-            slots += (it.new_tokens + it.lookahead) as usize;
+            slots += new + u64::from(it.lookahead);
             seqs.push(st.seq);
         }
+        let slots = usize::try_from(slots).map_err(|_| pagedkv_core::Error::LengthOverflow)?;
         let n = items.len();
         tables.max_blocks = max_blocks;
         tables.block_tables.clear();
@@ -174,38 +227,29 @@ impl<B: ManagedBackend> KvManager<B> {
         tables.last_page_len.clear();
         tables.last_page_len.resize(n, 0);
         let c = &inner.cache;
-        let r = (|| -> Result<()> {
-            c.export_block_tables(&seqs, max_blocks, tables.pad, &mut tables.block_tables)?;
-            let mut k = 0;
-            for (it, &s) in items.iter().zip(&seqs) {
-                let info = c.info(s)?;
-                let first = info.tokens.checked_sub(it.new_tokens).ok_or(
-                    pagedkv_core::Error::TooManyTokens {
-                        requested: u64::from(it.new_tokens),
-                        available: info.tokens,
-                    },
-                )?;
-                let count = it.new_tokens + it.lookahead;
-                let out = tables.slot_mapping.get_mut(k..).unwrap_or(&mut []);
-                k += c.export_slots(s, first, count, out)?;
-            }
-            let pages: usize = seqs
-                .iter()
-                .filter_map(|&s| c.info(s).ok())
-                .map(|i| (i.tokens.div_ceil(c.config().tokens_per_block) - i.first_live) as usize)
-                .sum();
-            tables.indices.clear();
-            tables.indices.resize(pages, 0);
-            c.export_flashinfer(
-                &seqs,
-                &mut tables.indptr,
-                &mut tables.indices,
-                &mut tables.last_page_len,
-            )?;
-            Ok(())
-        })();
-        inner.scratch = seqs;
-        r
+        c.export_block_tables(seqs, max_blocks, tables.pad, &mut tables.block_tables)?;
+        let mut k = 0;
+        for (it, &s) in items.iter().zip(seqs.iter()) {
+            let info = c.info(s)?;
+            let first = info.tokens - it.new_tokens; // checked above
+            let count = it.new_tokens + it.lookahead; // at most `slots`
+            let out = tables.slot_mapping.get_mut(k..).unwrap_or(&mut []);
+            k += c.export_slots(s, first, count, out)?;
+        }
+        let pages: usize = seqs
+            .iter()
+            .filter_map(|&s| c.info(s).ok())
+            .map(|i| (i.tokens.div_ceil(c.config().tokens_per_block) - i.first_live) as usize)
+            .sum();
+        tables.indices.clear();
+        tables.indices.resize(pages, 0);
+        c.export_flashinfer(
+            seqs,
+            &mut tables.indptr,
+            &mut tables.indices,
+            &mut tables.last_page_len,
+        )?;
+        Ok(())
     }
 
     /// Preempts a request as the scheduler chose: `Swap` moves its KV to the
@@ -244,6 +288,8 @@ impl<B: ManagedBackend> KvManager<B> {
                 .ok_or(ManagerError::UnknownRequest(id))?
                 .device
         };
+        // The pool first: a refusal then moves nothing.
+        self.compressed_pool(device, format)?;
         self.ensure_on_device(id).await?;
         self.move_request(id, Place::Compressed(device, format))
             .await?;
