@@ -32,6 +32,16 @@ fn manager(blocks: usize, policy: PreemptionPolicy) -> HostManager {
     HostManager::new(HostBackend::new(), cfg).unwrap()
 }
 
+/// A 32-block manager (preemption left to the scheduler) holding request
+/// 1 with a prompt of `tokens`.
+async fn with_request(tokens: u32) -> HostManager {
+    let m = manager(32, PreemptionPolicy::Scheduler);
+    m.allocate_request(&request(1, prompt(tokens, 1)))
+        .await
+        .unwrap();
+    m
+}
+
 /// What a refused call must leave as it was.
 #[derive(Debug, PartialEq)]
 struct Snapshot {
@@ -57,11 +67,7 @@ fn snapshot(m: &HostManager) -> Snapshot {
 
 #[tokio::test]
 async fn allocate_request_refuses_zero_sizes_and_changes_nothing() {
-    let m = manager(32, PreemptionPolicy::Scheduler);
-    let _a = m
-        .allocate_request(&request(1, prompt(20, 1)))
-        .await
-        .unwrap();
+    let m = with_request(20).await;
     let before = snapshot(&m);
     let mut r = request(2, prompt(20, 2));
     r.prefill_chunk = Some(0);
@@ -115,11 +121,7 @@ async fn allocate_request_refuses_zero_sizes_and_changes_nothing() {
 
 #[tokio::test]
 async fn extend_request_refuses_mismatched_ids_and_unknown_requests() {
-    let m = manager(32, PreemptionPolicy::Scheduler);
-    let _a = m
-        .allocate_request(&request(1, prompt(20, 1)))
-        .await
-        .unwrap();
+    let m = with_request(20).await;
     let before = snapshot(&m);
     let ids = [7, 8, 9];
     let item = ExtendItem {
@@ -162,11 +164,7 @@ async fn extend_request_refuses_mismatched_ids_and_unknown_requests() {
 
 #[tokio::test]
 async fn extend_batch_answers_each_item_and_refused_items_change_nothing() {
-    let m = manager(32, PreemptionPolicy::Scheduler);
-    let _a = m
-        .allocate_request(&request(1, prompt(20, 1)))
-        .await
-        .unwrap();
+    let m = with_request(20).await;
     let _b = m
         .allocate_request(&request(2, prompt(16, 2)))
         .await
@@ -225,11 +223,7 @@ async fn extend_batch_answers_each_item_and_refused_items_change_nothing() {
 
 #[tokio::test]
 async fn export_tables_is_all_or_nothing() {
-    let m = manager(32, PreemptionPolicy::Scheduler);
-    let _a = m
-        .allocate_request(&request(1, prompt(20, 1)))
-        .await
-        .unwrap();
+    let m = with_request(20).await;
     let _b = m.allocate_request(&request(2, prompt(9, 2))).await.unwrap();
     let _c = m.allocate_request(&request(3, prompt(8, 3))).await.unwrap();
     m.preempt(RequestId(3), PreemptMode::Swap).await.unwrap();
@@ -277,11 +271,7 @@ async fn export_tables_is_all_or_nothing() {
 
 #[tokio::test]
 async fn preempt_and_compress_refuse_unknown_requests() {
-    let m = manager(32, PreemptionPolicy::Scheduler);
-    let _a = m
-        .allocate_request(&request(1, prompt(20, 1)))
-        .await
-        .unwrap();
+    let m = with_request(20).await;
     let before = snapshot(&m);
     for mode in [PreemptMode::Swap, PreemptMode::Recompute] {
         let e = m.preempt(RequestId(5), mode).await.unwrap_err();
@@ -310,11 +300,7 @@ async fn preempt_and_compress_refuse_unknown_requests() {
 
 #[tokio::test]
 async fn compression_pools_are_made_on_demand_in_both_formats_and_counted() {
-    let m = manager(32, PreemptionPolicy::Scheduler);
-    let _a = m
-        .allocate_request(&request(1, prompt(32, 1)))
-        .await
-        .unwrap();
+    let m = with_request(32).await;
     let _b = m
         .allocate_request(&request(2, prompt(32, 2)))
         .await
@@ -485,11 +471,7 @@ async fn adapters_and_multimodal_items_key_the_blocks() {
 
 #[tokio::test]
 async fn a_request_named_twice_in_a_batch_is_refused_the_second_time() {
-    let m = manager(32, PreemptionPolicy::Scheduler);
-    let _a = m
-        .allocate_request(&request(1, prompt(20, 1)))
-        .await
-        .unwrap();
+    let m = with_request(20).await;
     let items = [
         ExtendItem::tokens(RequestId(1), &[5]),
         ExtendItem::tokens(RequestId(1), &[6]),
@@ -533,11 +515,7 @@ async fn a_request_named_twice_in_a_batch_is_refused_the_second_time() {
 
 #[tokio::test]
 async fn impossible_extensions_are_refused_before_anything_moves() {
-    let m = manager(32, PreemptionPolicy::Scheduler);
-    let _a = m
-        .allocate_request(&request(1, prompt(17, 1)))
-        .await
-        .unwrap();
+    let m = with_request(17).await;
     // A fork shares the partial block: its next append needs a copy.
     let _b = m.fork(RequestId(1), RequestId(2)).await.unwrap();
     let _c = m
@@ -582,11 +560,7 @@ async fn impossible_extensions_are_refused_before_anything_moves() {
 
 #[tokio::test]
 async fn an_empty_extension_changes_only_the_lookahead() {
-    let m = manager(32, PreemptionPolicy::Scheduler);
-    let _a = m
-        .allocate_request(&request(1, prompt(12, 1)))
-        .await
-        .unwrap();
+    let m = with_request(12).await;
     let x = m
         .extend_request(ExtendItem {
             request: RequestId(1),

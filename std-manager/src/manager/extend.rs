@@ -15,7 +15,7 @@ use super::transfer::CopyOp;
 use super::wait::backoff;
 use super::{Inner, KvManager, ManagedBackend, ReqState, lock};
 use crate::engine::Extension;
-use crate::error::{InvalidRequest, ManagerError, Result};
+use crate::error::{InvalidRequest, Result};
 use crate::types::RequestId;
 
 /// Waits (growing to 1 ms each, so about a second in all) for another task
@@ -40,10 +40,7 @@ impl<B: ManagedBackend> KvManager<B> {
         let n = u32::try_from(n).map_err(|_| too_long())?;
         let mut room = {
             let inner = lock(&self.shared.inner);
-            let st = inner
-                .reqs
-                .get(&id)
-                .ok_or(ManagerError::UnknownRequest(id))?;
+            let st = inner.req(id)?;
             // Before anything moves (a swap-in, a copy, preemptions).
             self.check_fits(&inner, st, n, lookahead)?;
             Room::on(st.device, Some(id)).keeping(batch)
@@ -149,10 +146,7 @@ impl<B: ManagedBackend> KvManager<B> {
             let (seq, pool, cow, needed) = {
                 let mut guard = lock(&self.shared.inner);
                 let inner = &mut *guard;
-                let st = inner
-                    .reqs
-                    .get_mut(&id)
-                    .ok_or(ManagerError::UnknownRequest(id))?;
+                let st = inner.req_mut(id)?;
                 st.last_access = Instant::now();
                 let seq = st.seq;
                 let info = inner.cache.info(seq)?;

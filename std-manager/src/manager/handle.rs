@@ -11,7 +11,7 @@ use std::time::Instant;
 use pagedkv_core::{BlockId, BlockTable, KvPart, MemoryKind, SeqInfo};
 
 use super::{ManagedBackend, Shared, lock};
-use crate::error::{InvalidRequest, ManagerError, Result};
+use crate::error::{InvalidRequest, Result};
 use crate::traits::{KvCacheHandle, KvView};
 use crate::types::{CacheHandleStats, Device, ManagerConfig, RequestId};
 
@@ -59,10 +59,7 @@ impl<B: ManagedBackend> SharedView for Shared<B> {
             .into());
         }
         let inner = lock(&self.inner);
-        let st = inner
-            .reqs
-            .get(&id)
-            .ok_or(ManagerError::UnknownRequest(id))?;
+        let st = inner.req(id)?;
         let info = inner.cache.info(st.seq)?;
         let Some(d) = self.pools.device_of(info.pool).filter(|_| !info.moving) else {
             return Ok(None);

@@ -63,6 +63,7 @@ use pagedkv_core::{
 
 pub use self::handle::Handle;
 use self::pools::{CompressedPool, PoolMap, PoolMem};
+use crate::error::{ManagerError, Result};
 use crate::traits::CacheEvictionPolicy;
 use crate::types::{
     CacheManagerStats, Device, ManagerConfig, PrefixCacheConfig, Priority, RequestId,
@@ -144,6 +145,20 @@ struct Inner {
     batches: u64,
     pressure: PressureMonitor,
     stats: Counters,
+}
+
+impl Inner {
+    /// The state of a live request.
+    fn req(&self, id: RequestId) -> Result<&ReqState> {
+        self.reqs.get(&id).ok_or(ManagerError::UnknownRequest(id))
+    }
+
+    /// The state of a live request, to change.
+    fn req_mut(&mut self, id: RequestId) -> Result<&mut ReqState> {
+        self.reqs
+            .get_mut(&id)
+            .ok_or(ManagerError::UnknownRequest(id))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]

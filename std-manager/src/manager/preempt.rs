@@ -238,10 +238,7 @@ impl<B: ManagedBackend> KvManager<B> {
     /// Blocks a request holds (its live table entries).
     pub(super) fn held_blocks(&self, id: RequestId) -> Result<u32> {
         let inner = lock(&self.shared.inner);
-        let st = inner
-            .reqs
-            .get(&id)
-            .ok_or(ManagerError::UnknownRequest(id))?;
+        let st = inner.req(id)?;
         let info = inner.cache.info(st.seq)?;
         Ok(info.blocks - info.first_live)
     }
@@ -332,10 +329,7 @@ impl<B: ManagedBackend> KvManager<B> {
         };
         let (plan, op, from) = {
             let mut inner = lock(&self.shared.inner);
-            let st = inner
-                .reqs
-                .get(&id)
-                .ok_or(ManagerError::UnknownRequest(id))?;
+            let st = inner.req(id)?;
             let (seq, from) = (st.seq, self.place(&inner, st)?);
             let (plan, op) = match (from, to, target) {
                 (Place::Device(_), Place::Host, _) => {
@@ -392,10 +386,7 @@ impl<B: ManagedBackend> KvManager<B> {
     ) -> Result<bool> {
         let (place, device) = {
             let inner = lock(&self.shared.inner);
-            let st = inner
-                .reqs
-                .get(&id)
-                .ok_or(ManagerError::UnknownRequest(id))?;
+            let st = inner.req(id)?;
             (self.place(&inner, st)?, st.device)
         };
         if matches!(place, Place::Device(_)) {

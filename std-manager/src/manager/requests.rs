@@ -288,11 +288,7 @@ impl<B: ManagedBackend> KvManager<B> {
     }
 
     pub(super) fn seq_of(&self, id: RequestId) -> Result<SeqId> {
-        lock(&self.shared.inner)
-            .reqs
-            .get(&id)
-            .map(|s| s.seq)
-            .ok_or(ManagerError::UnknownRequest(id))
+        lock(&self.shared.inner).req(id).map(|s| s.seq)
     }
 
     /// A new request `child` sharing every block of `parent` (parallel
@@ -308,10 +304,7 @@ impl<B: ManagedBackend> KvManager<B> {
         if inner.reqs.contains_key(&child) {
             return Err(ManagerError::DuplicateRequest(child));
         }
-        let st = inner
-            .reqs
-            .get(&parent)
-            .ok_or(ManagerError::UnknownRequest(parent))?;
+        let st = inner.req(parent)?;
         let (pseq, priority, device) = (st.seq, st.priority, st.device);
         let seq = inner.cache.fork(pseq)?;
         let handle = self.new_handle(child);
@@ -394,11 +387,7 @@ impl<B: ManagedBackend> KvManager<B> {
             {
                 let mut guard = lock(&self.shared.inner);
                 let inner = &mut *guard;
-                let seq = inner
-                    .reqs
-                    .get(&id)
-                    .ok_or(ManagerError::UnknownRequest(id))?
-                    .seq;
+                let seq = inner.req(id)?.seq;
                 self.stamp_release(inner, seq);
                 match inner.cache.free(seq) {
                     Ok(()) => {

@@ -282,11 +282,7 @@ impl<B: ManagedBackend> KvManager<B> {
     pub async fn compress_with(&self, id: RequestId, format: QuantFormat) -> Result<()> {
         let device = {
             let inner = lock(&self.shared.inner);
-            inner
-                .reqs
-                .get(&id)
-                .ok_or(ManagerError::UnknownRequest(id))?
-                .device
+            inner.req(id)?.device
         };
         // The pool first: a refusal then moves nothing.
         self.compressed_pool(device, format)?;

@@ -32,13 +32,7 @@ impl<B: ManagedBackend> AdvancedKvCacheManager for KvManager<B> {
         self.ensure_on_device(source).await?;
         self.ensure_on_device(target).await?;
         let mut inner = lock(&self.shared.inner);
-        let seq_of = |id| {
-            inner
-                .reqs
-                .get(&id)
-                .map(|s| s.seq)
-                .ok_or(ManagerError::UnknownRequest(id))
-        };
+        let seq_of = |id| inner.req(id).map(|s| s.seq);
         let (s, t) = (seq_of(source)?, seq_of(target)?);
         let tokens =
             u32::try_from(shared_tokens).map_err(|_| pagedkv_core::Error::LengthOverflow)?;

@@ -241,10 +241,7 @@ impl<B: ManagedBackend> KvManager<B> {
     ) -> Result<()> {
         let (pool, block) = {
             let inner = lock(&self.shared.inner);
-            let st = inner
-                .reqs
-                .get(&id)
-                .ok_or(ManagerError::UnknownRequest(id))?;
+            let st = inner.req(id)?;
             let info = inner.cache.info(st.seq)?;
             let table = inner.cache.table(st.seq)?;
             let b = *table.get(index).ok_or(InvalidRequest::BlockIndex {
