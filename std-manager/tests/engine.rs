@@ -582,3 +582,33 @@ async fn an_empty_extension_changes_only_the_lookahead() {
         .unwrap();
     assert_eq!(b.device_hit_blocks, 2, "both full blocks were published");
 }
+
+#[tokio::test]
+async fn seven_devices_then_no_slot_left_for_compression() {
+    let mut cfg = config(16);
+    cfg.host_blocks = 64;
+    cfg.target_devices = (0..7).map(Device::Gpu).collect();
+    let m = HostManager::new(HostBackend::new(), cfg.clone()).unwrap();
+    let mut r = request(1, prompt(40, 1));
+    r.device = Some(Device::Gpu(6));
+    m.allocate_request(&r).await.unwrap();
+    assert_eq!(m.get_cache_device(RequestId(1)), Some(Device::Gpu(6)));
+    m.move_cache(RequestId(1), Device::Gpu(3)).await.unwrap();
+    m.preempt(RequestId(1), PreemptMode::Swap).await.unwrap();
+    m.extend_request(ExtendItem::tokens(RequestId(1), &[1]))
+        .await
+        .unwrap();
+    assert_eq!(m.get_cache_device(RequestId(1)), Some(Device::Gpu(3)));
+    // Seven devices and the host tier take all eight pool slots.
+    let before = snapshot(&m);
+    let e = m
+        .compress_with(RequestId(1), QuantFormat::Int8PerHead)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ManagerError::NoPoolSlot(_)), "{e}");
+    assert_eq!(snapshot(&m), before);
+    // Eight devices: more than the core's pools less the host tier.
+    cfg.target_devices = (0..8).map(Device::Gpu).collect();
+    let r = HostManager::new(HostBackend::new(), cfg);
+    assert!(matches!(r, Err(ManagerError::Config { .. })));
+}
