@@ -72,7 +72,9 @@ pub trait KvCacheHandle: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
-/// Pressure callbacks: fired on level changes only.
+/// Pressure callbacks: fired on level changes only, in order, with no lock
+/// held (a callback may call the manager; one that keeps the manager should
+/// hold a `Weak`, or the two keep each other alive).
 pub type PressureCallback = Box<dyn Fn(pagedkv_core::MemoryPressure) + Send + Sync>;
 
 /// The basic manager (the seed's `KvCacheManager`).
@@ -181,6 +183,10 @@ pub struct Candidate {
 }
 
 /// Chooses which requests to preempt (the seed's `CacheEvictionPolicy`).
+///
+/// The manager calls a policy while it holds its own lock (the choice and
+/// the preemption must see the same state): a policy must not call back
+/// into the manager.
 pub trait CacheEvictionPolicy: Send + Sync {
     /// Requests to preempt, in order, until `required_blocks` are freed.
     fn select_eviction_candidates(

@@ -612,3 +612,100 @@ async fn seven_devices_then_no_slot_left_for_compression() {
     let r = HostManager::new(HostBackend::new(), cfg);
     assert!(matches!(r, Err(ManagerError::Config { .. })));
 }
+
+/// gc frees a request only if it is still idle when freed: a request used
+/// again (extended, swapped back in) after it went idle stays.
+#[tokio::test]
+async fn gc_frees_only_requests_still_idle() {
+    let mut cfg = config(32);
+    cfg.host_blocks = 32;
+    cfg.request_ttl_seconds = Some(1);
+    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+    for id in 1..=3 {
+        m.allocate_request(&request(id, prompt(16, id as u32)))
+            .await
+            .unwrap();
+    }
+    m.preempt(RequestId(2), PreemptMode::Swap).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // All three idle past the TTL; 1 is extended, 2 swapped back in.
+    m.extend_request(ExtendItem::tokens(RequestId(1), &[1]))
+        .await
+        .unwrap();
+    pagedkv_manager::AdvancedKvCacheManager::swap_in(&m, RequestId(2))
+        .await
+        .unwrap();
+    let g = m.gc().await.unwrap();
+    assert_eq!(g.caches_freed, 1);
+    assert!(m.get_handle(RequestId(1)).is_some());
+    assert!(m.get_handle(RequestId(2)).is_some());
+    assert!(m.get_handle(RequestId(3)).is_none());
+    m.check_invariants().unwrap();
+}
+
+/// A handle belongs to one allocation: after its request is freed and the
+/// id allocated again, the old handle sees nothing of the new request.
+#[tokio::test]
+async fn an_old_handle_never_reads_a_new_request_of_its_id() {
+    let m = with_request(20).await;
+    let old = m.get_handle(RequestId(1)).unwrap();
+    assert!(old.is_valid());
+    m.preempt(RequestId(1), PreemptMode::Recompute)
+        .await
+        .unwrap();
+    m.allocate_request(&request(1, prompt(40, 9)))
+        .await
+        .unwrap();
+    assert!(!old.is_valid());
+    assert_eq!(old.num_tokens(), 0);
+    assert!(old.block_table().physical_blocks.is_empty());
+    assert!(old.key_cache(0).is_err());
+    let new = m.get_handle(RequestId(1)).unwrap();
+    assert_eq!(new.num_tokens(), 40);
+}
+
+/// Blocks released by a swap-out (not a free) are stamped then: the prefix
+/// TTL counts from there, not from the manager's start.
+#[tokio::test]
+async fn prefix_ttl_counts_from_a_swap_out_too() {
+    let mut cfg = config(32);
+    cfg.host_blocks = 32;
+    cfg.prefix_cache_config = Some(PrefixCacheConfig {
+        prefix_ttl_seconds: 1,
+        ..PrefixCacheConfig::default()
+    });
+    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    m.allocate_request(&request(1, prompt(32, 1)))
+        .await
+        .unwrap();
+    m.preempt(RequestId(1), PreemptMode::Swap).await.unwrap();
+    let g = m.gc().await.unwrap();
+    assert_eq!(g.prefixes_expired, 0, "released just now");
+    let b = m
+        .allocate_request(&request(2, prompt(32, 1)))
+        .await
+        .unwrap();
+    assert_eq!(b.device_hit_blocks, 4);
+}
+
+/// The pressure callback may call the manager (no lock is held), and
+/// levels arrive in the order they happened.
+#[tokio::test]
+async fn the_pressure_callback_may_call_the_manager() {
+    let m = std::sync::Arc::new(manager(16, PreemptionPolicy::Scheduler));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (weak, s2) = (std::sync::Arc::downgrade(&m), seen.clone());
+    m.set_pressure_callback(Box::new(move |level| {
+        let used = weak.upgrade().map_or(0, |m| m.stats().used_memory_bytes);
+        s2.lock().unwrap().push((level, used));
+    }));
+    m.allocate_request(&request(1, prompt(120, 1)))
+        .await
+        .unwrap();
+    m.deallocate(RequestId(1)).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(seen[0].1 > 0, "the callback read the manager's stats");
+    assert_eq!(seen.last().unwrap().0, pagedkv_manager::MemoryPressure::Low);
+}

@@ -213,6 +213,8 @@ impl<B: ManagedBackend> KvManager<B> {
             lost_reported: 0,
             scratch: Vec::new(),
             batches: 0,
+            serials: 0,
+            pressure_changes: 0,
             pressure,
             stats: Counters::default(),
         };
@@ -224,6 +226,7 @@ impl<B: ManagedBackend> KvManager<B> {
                 inner: Mutex::new(inner),
                 dev: Mutex::new(dev),
                 callback: Mutex::new(None),
+                delivered: Mutex::new(0),
                 policy,
                 epoch: Instant::now(),
                 timer: super::wait::Timer::default(),

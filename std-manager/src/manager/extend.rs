@@ -39,7 +39,8 @@ impl<B: ManagedBackend> KvManager<B> {
     ) -> Result<Extension> {
         let n = u32::try_from(n).map_err(|_| too_long())?;
         let mut room = {
-            let inner = lock(&self.shared.inner);
+            let mut inner = lock(&self.shared.inner);
+            inner.req_mut(id)?.last_access = Instant::now();
             let st = inner.req(id)?;
             // Before anything moves (a swap-in, a copy, preemptions).
             self.check_fits(&inner, st, n, lookahead)?;
@@ -99,14 +100,32 @@ impl<B: ManagedBackend> KvManager<B> {
     /// The reservation and append of an extension, in the core, once no copy
     /// is needed. All or nothing. Appending no token changes only the
     /// reservation (an empty append would stop the request's publishing).
+    /// With `window` (device, time), the blocks this append may release
+    /// from the window's front are stamped first (for the prefix TTL).
     pub(super) fn core_extend(
         inner: &mut Inner,
         seq: SeqId,
         n: u32,
         tokens: Option<&[u32]>,
         lookahead: u32,
+        window: Option<(usize, u32)>,
     ) -> Result<Extension> {
-        let before = inner.cache.info(seq)?.reserved;
+        let info = inner.cache.info(seq)?;
+        let before = info.reserved;
+        if let Some((d, now)) = window {
+            let bs = inner.cache.config().tokens_per_block;
+            let k = (n / bs + 2) as usize;
+            let Inner {
+                cache, released_at, ..
+            } = &mut *inner;
+            if let (Ok(table), Some(stamps)) = (cache.table(seq), released_at.get_mut(d)) {
+                for b in table.iter().skip(info.first_live as usize).take(k) {
+                    if let Some(s) = stamps.get_mut(b.index()) {
+                        *s = now;
+                    }
+                }
+            }
+        }
         let delta = inner
             .cache
             .reserve(seq, n.checked_add(lookahead).ok_or_else(too_long)?)?;
@@ -143,24 +162,25 @@ impl<B: ManagedBackend> KvManager<B> {
         lookahead: u32,
     ) -> Result<Extension> {
         for attempt in 0..BUSY_WAITS {
-            let (seq, pool, cow, needed) = {
+            let (seq, pool, cow, needed, stamp) = {
                 let mut guard = lock(&self.shared.inner);
                 let inner = &mut *guard;
                 let st = inner.req_mut(id)?;
                 st.last_access = Instant::now();
                 let seq = st.seq;
+                let stamp = self.window_stamp(st);
                 let info = inner.cache.info(seq)?;
                 match inner.cache.append_needs(seq, n) {
-                    Err(pagedkv_core::Error::SequenceBusy(_)) => (seq, info.pool, None, 0),
+                    Err(pagedkv_core::Error::SequenceBusy(_)) => (seq, info.pool, None, 0, None),
                     Err(e) => return Err(e.into()),
                     Ok(needs) if needs.cow => {
                         let end = u64::from(info.tokens) + u64::from(n) + u64::from(lookahead);
                         let bs = u64::from(self.shared.config.layout.tokens_per_block);
                         let target = u32::try_from(end.div_ceil(bs)).map_err(|_| too_long())?;
                         let needed = target.saturating_sub(info.blocks);
-                        (seq, info.pool, inner.cache.cow(seq)?, needed)
+                        (seq, info.pool, inner.cache.cow(seq)?, needed, stamp)
                     }
-                    Ok(_) => return Self::core_extend(inner, seq, n, tokens, lookahead),
+                    Ok(_) => return Self::core_extend(inner, seq, n, tokens, lookahead, stamp),
                 }
             };
             let Some(plan) = cow else {
@@ -176,7 +196,7 @@ impl<B: ManagedBackend> KvManager<B> {
                         return Err(pagedkv_core::Error::OutOfBlocks { needed, available }.into());
                     }
                     inner.cache.commit(plan)?;
-                    let mut x = Self::core_extend(inner, seq, n, tokens, lookahead)?;
+                    let mut x = Self::core_extend(inner, seq, n, tokens, lookahead, stamp)?;
                     x.copies += 1;
                     Ok(x)
                 })

@@ -28,18 +28,33 @@ pub(super) struct RequestSnapshot {
 /// What a handle reads of the manager (object-safe, so handles need not
 /// carry the backend type).
 pub(super) trait SharedView: Send + Sync {
-    fn snapshot(&self, id: RequestId) -> Option<RequestSnapshot>;
-    fn view(&self, id: RequestId, layer: usize, part: KvPart) -> Result<Option<KvView>>;
+    fn snapshot(&self, id: Allocated) -> Option<RequestSnapshot>;
+    fn view(&self, id: Allocated, layer: usize, part: KvPart) -> Result<Option<KvView>>;
     fn config(&self) -> &ManagerConfig;
     fn device_of(&self, index: usize) -> Device;
     fn epoch(&self) -> Instant;
-    fn last_access(&self, id: RequestId) -> Option<Instant>;
+    fn last_access(&self, id: Allocated) -> Option<Instant>;
+}
+
+/// One allocation of a request: its id and the allocation's serial number,
+/// so a handle never reads a later request that reused the id.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct Allocated {
+    pub(super) id: RequestId,
+    pub(super) serial: u64,
+}
+
+impl super::Inner {
+    /// The state of allocation `a`, if it is still live.
+    fn allocation(&self, a: Allocated) -> Option<&super::ReqState> {
+        self.reqs.get(&a.id).filter(|s| s.serial == a.serial)
+    }
 }
 
 impl<B: ManagedBackend> SharedView for Shared<B> {
-    fn snapshot(&self, id: RequestId) -> Option<RequestSnapshot> {
+    fn snapshot(&self, id: Allocated) -> Option<RequestSnapshot> {
         let inner = lock(&self.inner);
-        let st = inner.reqs.get(&id)?;
+        let st = inner.allocation(id)?;
         let info = inner.cache.info(st.seq).ok()?;
         Some(RequestSnapshot {
             table: inner.cache.table(st.seq).ok()?.to_vec(),
@@ -49,7 +64,7 @@ impl<B: ManagedBackend> SharedView for Shared<B> {
         })
     }
 
-    fn view(&self, id: RequestId, layer: usize, part: KvPart) -> Result<Option<KvView>> {
+    fn view(&self, id: Allocated, layer: usize, part: KvPart) -> Result<Option<KvView>> {
         let l = self.config.layout;
         if layer >= l.layers as usize {
             return Err(InvalidRequest::Layer {
@@ -59,7 +74,9 @@ impl<B: ManagedBackend> SharedView for Shared<B> {
             .into());
         }
         let inner = lock(&self.inner);
-        let st = inner.req(id)?;
+        let st = inner
+            .allocation(id)
+            .ok_or(crate::ManagerError::UnknownRequest(id.id))?;
         let info = inner.cache.info(st.seq)?;
         let Some(d) = self.pools.device_of(info.pool).filter(|_| !info.moving) else {
             return Ok(None);
@@ -109,20 +126,26 @@ impl<B: ManagedBackend> SharedView for Shared<B> {
         self.epoch
     }
 
-    fn last_access(&self, id: RequestId) -> Option<Instant> {
-        lock(&self.inner).reqs.get(&id).map(|s| s.last_access)
+    fn last_access(&self, id: Allocated) -> Option<Instant> {
+        lock(&self.inner).allocation(id).map(|s| s.last_access)
     }
 }
 
 /// The handle of a live request.
 pub struct Handle {
     id: RequestId,
+    /// The allocation it was made for.
+    of: Allocated,
     shared: Arc<dyn SharedView>,
 }
 
 impl Handle {
-    pub(super) fn new(id: RequestId, shared: Arc<dyn SharedView>) -> Arc<Self> {
-        Arc::new(Self { id, shared })
+    pub(super) fn new(of: Allocated, shared: Arc<dyn SharedView>) -> Arc<Self> {
+        Arc::new(Self {
+            id: of.id,
+            of,
+            shared,
+        })
     }
 }
 
@@ -140,7 +163,7 @@ impl KvCacheHandle for Handle {
         let bs = self.shared.config().layout.tokens_per_block as usize;
         let (physical_blocks, sequence_length) = self
             .shared
-            .snapshot(self.id)
+            .snapshot(self.of)
             .map_or((Vec::new(), 0), |s| (s.table, s.info.tokens as usize));
         BlockTable {
             physical_blocks,
@@ -149,14 +172,14 @@ impl KvCacheHandle for Handle {
         }
     }
     fn device(&self) -> Device {
-        match self.shared.snapshot(self.id) {
+        match self.shared.snapshot(self.of) {
             Some(s) if s.on_device => self.shared.device_of(s.device),
             _ => Device::Cpu,
         }
     }
     fn num_tokens(&self) -> usize {
         self.shared
-            .snapshot(self.id)
+            .snapshot(self.of)
             .map_or(0, |s| s.info.tokens as usize)
     }
     fn num_layers(&self) -> usize {
@@ -169,15 +192,15 @@ impl KvCacheHandle for Handle {
         self.shared.config().layout.head_size as usize
     }
     fn key_cache(&self, layer: usize) -> Result<Option<KvView>> {
-        self.shared.view(self.id, layer, KvPart::Key)
+        self.shared.view(self.of, layer, KvPart::Key)
     }
     fn value_cache(&self, layer: usize) -> Result<Option<KvView>> {
-        self.shared.view(self.id, layer, KvPart::Value)
+        self.shared.view(self.of, layer, KvPart::Value)
     }
     fn stats(&self) -> CacheHandleStats {
         let l = self.shared.config().layout;
         let bb = l.block_bytes().unwrap_or(0) as usize;
-        let (blocks, tokens) = self.shared.snapshot(self.id).map_or((0, 0), |s| {
+        let (blocks, tokens) = self.shared.snapshot(self.of).map_or((0, 0), |s| {
             (
                 (s.info.blocks - s.info.first_live) as usize,
                 s.info.tokens as usize,
@@ -193,14 +216,14 @@ impl KvCacheHandle for Handle {
             } else {
                 tokens as f32 / cap as f32
             },
-            last_access_secs: self.shared.last_access(self.id).map_or(0.0, |t| {
+            last_access_secs: self.shared.last_access(self.of).map_or(0.0, |t| {
                 t.saturating_duration_since(self.shared.epoch())
                     .as_secs_f64()
             }),
         }
     }
     fn is_valid(&self) -> bool {
-        self.shared.snapshot(self.id).is_some()
+        self.shared.snapshot(self.of).is_some()
     }
     fn cache_id(&self) -> String {
         self.id.to_string()

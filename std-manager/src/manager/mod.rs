@@ -113,6 +113,11 @@ struct ReqState {
     /// The last batch call (`Inner::batches`) that named it: a request
     /// named twice in one batch is refused the second time.
     mark: u64,
+    /// It has a sliding window (its extensions release blocks).
+    window: bool,
+    /// This allocation's number (`Inner::serials`): handles of an earlier
+    /// request of the same id see nothing.
+    serial: u64,
 }
 
 /// Blocks handed out by `BlockAllocator::allocate_blocks` (sorted, to match
@@ -143,6 +148,10 @@ struct Inner {
     scratch: Vec<SeqId>,
     /// Batch calls so far (see `ReqState::mark`).
     batches: u64,
+    /// Allocations so far (see `ReqState::serial`).
+    serials: u64,
+    /// Pressure level changes so far (delivered in order: `Shared::delivered`).
+    pressure_changes: u64,
     pressure: PressureMonitor,
     stats: Counters,
 }
@@ -206,6 +215,8 @@ struct Shared<B: ManagedBackend> {
     inner: Mutex<Inner>,
     dev: Mutex<DevSide<B>>,
     callback: Mutex<Option<SharedCallback>>,
+    /// The last pressure change delivered to the callback.
+    delivered: Mutex<u64>,
     policy: Arc<dyn CacheEvictionPolicy>,
     epoch: Instant,
     /// Wakes futures waiting on fences (see `wait.rs`).
@@ -273,9 +284,34 @@ impl<B: ManagedBackend> KvManager<B> {
             } else {
                 used as f32 / total as f32
             };
-            inner.pressure.update(util)
+            let changed = inner.pressure.update(util).is_some();
+            if changed {
+                inner.pressure_changes += 1;
+            }
+            changed
         };
-        if let Some(level) = changed {
+        if changed {
+            self.deliver_pressure();
+        }
+    }
+
+    /// Calls the pressure callback with the latest level, in order: one
+    /// caller delivers at a time (others leave it the newest change, which
+    /// it picks up before it returns), and no lock is held during the call,
+    /// so the callback may call the manager.
+    fn deliver_pressure(&self) {
+        loop {
+            let Ok(mut delivered) = self.shared.delivered.try_lock() else {
+                return; // the deliverer sees this change after its call
+            };
+            let (level, change) = {
+                let inner = lock(&self.shared.inner);
+                (inner.pressure.level(), inner.pressure_changes)
+            };
+            if change <= *delivered {
+                return;
+            }
+            *delivered = change;
             tracing::debug!(?level, "memory pressure changed");
             let cb = lock(&self.shared.callback).clone();
             if let Some(cb) = cb {

@@ -130,13 +130,20 @@ impl<B: ManagedBackend> KvManager<B> {
                 to
             };
             while m.backed() < want {
-                let region = backend
-                    .create_region(&RegionDesc {
-                        block_count: m.blocks_per_region,
-                        layout: m.layout,
-                        memory: m.memory,
-                    })
-                    .map_err(ManagerError::backend("growing a pool"))?;
+                let region = match backend.create_region(&RegionDesc {
+                    block_count: m.blocks_per_region,
+                    layout: m.layout,
+                    memory: m.memory,
+                }) {
+                    Ok(r) => r,
+                    Err(e) if k == 0 => return Err(ManagerError::backend("growing a pool")(e)),
+                    Err(e) => {
+                        // The device grew; its compressed pool lags (a later
+                        // compression may find no room: a typed error then).
+                        tracing::warn!(error = %e, "growing a compressed pool");
+                        break;
+                    }
+                };
                 let base = backend.region_address(&region).unwrap_or(0);
                 m.regions.push(region);
                 if let Some(b) = inner.bases.get_mut(i) {
@@ -146,9 +153,11 @@ impl<B: ManagedBackend> KvManager<B> {
             if k == 0 {
                 to = m.backed().min(max);
             }
+            // A follower serves only what it could back.
+            let target = to.min(m.backed());
             let now = inner.cache.pool(p)?.capacity();
-            if now < to {
-                inner.cache.grow(p, to - now)?;
+            if now < target {
+                inner.cache.grow(p, target - now)?;
             }
         }
         tracing::debug!(device = d, blocks = to, "pool grown");
@@ -331,6 +340,10 @@ impl<B: ManagedBackend> KvManager<B> {
             let mut inner = lock(&self.shared.inner);
             let st = inner.req(id)?;
             let (seq, from) = (st.seq, self.place(&inner, st)?);
+            if matches!(from, Place::Device(_)) {
+                // Its device blocks are released at the commit.
+                self.stamp_release(&mut inner, seq);
+            }
             let (plan, op) = match (from, to, target) {
                 (Place::Device(_), Place::Host, _) => {
                     let host = pools.host().ok_or(ManagerError::NoHostTier)?;
@@ -385,7 +398,8 @@ impl<B: ManagedBackend> KvManager<B> {
         preempted: &mut Vec<Preemption>,
     ) -> Result<bool> {
         let (place, device) = {
-            let inner = lock(&self.shared.inner);
+            let mut inner = lock(&self.shared.inner);
+            inner.req_mut(id)?.last_access = std::time::Instant::now();
             let st = inner.req(id)?;
             (self.place(&inner, st)?, st.device)
         };

@@ -252,7 +252,9 @@ impl<B: ManagedBackend> KvManager<B> {
             let _ = inner.cache.free(a.seq);
             return Err(e.into());
         }
-        let handle = self.new_handle(req.request_id);
+        inner.serials += 1;
+        let serial = inner.serials;
+        let handle = self.new_handle(req.request_id, serial);
         inner.reqs.insert(
             req.request_id,
             ReqState {
@@ -262,6 +264,8 @@ impl<B: ManagedBackend> KvManager<B> {
                 device: pp.device,
                 last_access: Instant::now(),
                 mark: 0,
+                window: req.sliding_window.is_some(),
+                serial,
             },
         );
         inner.stats.allocations += 1;
@@ -305,9 +309,11 @@ impl<B: ManagedBackend> KvManager<B> {
             return Err(ManagerError::DuplicateRequest(child));
         }
         let st = inner.req(parent)?;
-        let (pseq, priority, device) = (st.seq, st.priority, st.device);
+        let (pseq, priority, device, window) = (st.seq, st.priority, st.device, st.window);
         let seq = inner.cache.fork(pseq)?;
-        let handle = self.new_handle(child);
+        inner.serials += 1;
+        let serial = inner.serials;
+        let handle = self.new_handle(child, serial);
         inner.reqs.insert(
             child,
             ReqState {
@@ -317,6 +323,8 @@ impl<B: ManagedBackend> KvManager<B> {
                 device,
                 last_access: Instant::now(),
                 mark: 0,
+                window,
+                serial,
             },
         );
         drop(inner);
@@ -324,8 +332,9 @@ impl<B: ManagedBackend> KvManager<B> {
         Ok(handle)
     }
 
-    pub(super) fn new_handle(&self, id: RequestId) -> Arc<Handle> {
-        Handle::new(id, Arc::clone(&self.shared) as _)
+    pub(super) fn new_handle(&self, id: RequestId, serial: u64) -> Arc<Handle> {
+        let of = super::handle::Allocated { id, serial };
+        Handle::new(of, Arc::clone(&self.shared) as _)
     }
 
     /// The handle of a live request: the one the engine holds, or a new one.
@@ -333,15 +342,28 @@ impl<B: ManagedBackend> KvManager<B> {
         match st.handle.upgrade() {
             Some(h) => h,
             None => {
-                let h = self.new_handle(id);
+                let h = self.new_handle(id, st.serial);
                 st.handle = Arc::downgrade(&h);
                 h
             }
         }
     }
 
-    fn stamp_release(&self, inner: &mut Inner, seq: SeqId) {
-        let now = self.shared.epoch.elapsed().as_secs() as u32;
+    /// Seconds since the manager started (the prefix TTL's clock).
+    pub(super) fn now_secs(&self) -> u32 {
+        self.shared.epoch.elapsed().as_secs() as u32
+    }
+
+    /// What an extension of `st` stamps: its device and the time, if it
+    /// has a sliding window (whose blocks an extension releases).
+    pub(super) fn window_stamp(&self, st: &ReqState) -> Option<(usize, u32)> {
+        st.window.then(|| (st.device, self.now_secs()))
+    }
+
+    /// Stamps the release time of every live block of `seq` (on a device),
+    /// before they are released: by a free or a move off the device.
+    pub(super) fn stamp_release(&self, inner: &mut Inner, seq: SeqId) {
+        let now = self.now_secs();
         let Ok(info) = inner.cache.info(seq) else {
             return;
         };

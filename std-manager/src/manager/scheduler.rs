@@ -85,6 +85,7 @@ impl<B: ManagedBackend> KvManager<B> {
                         st.mark = batch;
                         st.last_access = now;
                         let seq = st.seq;
+                        let stamp = self.window_stamp(st);
                         let ids_match = item.tokens.is_none_or(|t| t.len() == item.count as usize);
                         let on_device = inner.cache.info(seq).is_ok_and(|i| {
                             !i.moving && self.shared.pools.device_of(i.pool).is_some()
@@ -102,6 +103,7 @@ impl<B: ManagedBackend> KvManager<B> {
                                 item.count,
                                 item.tokens,
                                 item.lookahead,
+                                stamp,
                             )
                             .map_err(|_| Self::SLOW),
                             false => Err(Self::SLOW),
@@ -295,8 +297,9 @@ impl<B: ManagedBackend> KvManager<B> {
 
     /// Moves the events since the last call into `out` (appended): blocks
     /// stored and removed on each device and the host tier (with
-    /// `record_events`), then the preemptions; `Lost` first when any were
-    /// dropped for want of draining.
+    /// `record_events`), then the preemptions; `Lost` last when any were
+    /// dropped for want of draining (resynchronize after applying the
+    /// others).
     pub fn drain_events(&self, out: &mut Vec<ManagerEvent>) {
         let mut guard = lock(&self.shared.inner);
         let inner = &mut *guard;
@@ -306,6 +309,12 @@ impl<B: ManagedBackend> KvManager<B> {
             .zip(self.shared.devices.iter())
             .map(|(p, &d)| (p, Tier::Device(d)))
             .chain(pools.host().map(|h| (h, Tier::Host)));
+        for (pool, tier) in tiers {
+            while let Ok(Some(e)) = inner.cache.pop_event(pool) {
+                out.push(ManagerEvent::from_core(e, tier));
+            }
+        }
+        out.extend(inner.events.drain(..));
         let lost: u64 = inner
             .cache
             .pools()
@@ -319,11 +328,5 @@ impl<B: ManagedBackend> KvManager<B> {
             });
             inner.lost_reported = lost;
         }
-        for (pool, tier) in tiers {
-            while let Ok(Some(e)) = inner.cache.pop_event(pool) {
-                out.push(ManagerEvent::from_core(e, tier));
-            }
-        }
-        out.extend(inner.events.drain(..));
     }
 }

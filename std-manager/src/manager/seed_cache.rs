@@ -73,9 +73,10 @@ impl<B: ManagedBackend> KvCacheManager for KvManager<B> {
     }
 
     /// The manager owns each request until `deallocate`: dropping its
-    /// handles frees nothing. `gc` frees requests idle (neither allocated
-    /// nor extended) for `request_ttl_seconds`, when set (an engine that
-    /// forgot them), cached blocks past `max_prefixes`, and cached blocks
+    /// handles frees nothing. `gc` frees requests idle (no call used them:
+    /// allocate, extend, fork, swap, move, compress) for
+    /// `request_ttl_seconds`, when set (an engine that forgot them; one
+    /// being moved is left for the next gc), cached blocks past `max_prefixes`, and cached blocks
     /// unused for `prefix_ttl_seconds` (0, and values past the manager's
     /// lifetime, never expire).
     #[tracing::instrument(skip(self))]
@@ -95,18 +96,35 @@ impl<B: ManagedBackend> KvCacheManager for KvManager<B> {
                     .collect()
             }
         };
+        // Freed only if still idle when its turn comes, and not moving (a
+        // call may have used it since the list was made); one that went away
+        // meanwhile was freed by its engine.
         let mut freed_blocks = 0usize;
-        for id in &dropped {
+        let mut freed = 0usize;
+        let ttl =
+            std::time::Duration::from_secs(self.shared.config.request_ttl_seconds.unwrap_or(0));
+        for &id in &dropped {
             let blocks = {
-                let inner = lock(&self.shared.inner);
-                inner
-                    .reqs
-                    .get(id)
-                    .and_then(|s| inner.cache.info(s.seq).ok())
-                    .map_or(0, |i| (i.blocks - i.first_live) as usize)
+                let mut guard = lock(&self.shared.inner);
+                let inner = &mut *guard;
+                let Some(st) = inner.reqs.get(&id) else {
+                    continue;
+                };
+                let seq = st.seq;
+                let Ok(info) = inner.cache.info(seq) else {
+                    continue;
+                };
+                if st.last_access.elapsed() < ttl || info.moving {
+                    continue;
+                }
+                self.stamp_release(inner, seq);
+                inner.cache.free(seq)?;
+                inner.reqs.remove(&id);
+                (info.blocks - info.first_live) as usize
             };
-            self.free_request(*id).await?;
+            self.shared.policy.forget(id);
             freed_blocks += blocks;
+            freed += 1;
         }
         let expired = {
             let mut guard = lock(&self.shared.inner);
@@ -138,7 +156,7 @@ impl<B: ManagedBackend> KvCacheManager for KvManager<B> {
         self.notify_pressure();
         Ok(CacheGcStats {
             memory_freed: freed_blocks * bb,
-            caches_freed: dropped.len(),
+            caches_freed: freed,
             prefixes_expired: expired,
             gc_time_ms: t0.elapsed().as_millis() as u64,
         })
