@@ -26,9 +26,8 @@
     reason = "bench sizes fit; ratios are printed"
 )]
 
-use std::hint::black_box;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use pagedkv_core::{
@@ -335,97 +334,11 @@ fn w3(c: &mut Criterion) {
 
 // ---- The decode step --------------------------------------------------------
 
-const SEQS: usize = 256;
-const PROMPT: u32 = 496;
-const STEPS: u32 = 256;
+#[path = "common/decode.rs"]
+#[allow(dead_code, reason = "shared with the manager's bench")]
+mod decode;
 
-struct Decode {
-    cache: KvCache<'static, SipBlockHasher>,
-    seqs: Vec<SeqId>,
-    step: u32,
-    block_tables: Vec<i32>,
-    slots: Vec<i64>,
-    indptr: Vec<i32>,
-    indices: Vec<i32>,
-    last: Vec<i32>,
-}
-
-impl Decode {
-    fn new() -> Self {
-        let width = (PROMPT + STEPS) / 16 + 1;
-        let mut d = Self {
-            cache: cache(SEQS as u32 * width, SEQS as u32, width),
-            seqs: Vec::new(),
-            step: 0,
-            block_tables: Vec::new(),
-            slots: vec![0; SEQS],
-            indptr: vec![0; SEQS + 1],
-            indices: Vec::new(),
-            last: vec![0; SEQS],
-        };
-        d.restart();
-        d
-    }
-
-    fn restart(&mut self) {
-        for s in self.seqs.drain(..) {
-            self.cache.free(s).unwrap();
-        }
-        for r in 0..SEQS as u32 {
-            let prompt: Vec<u32> = (0..PROMPT).map(|i| i * 7 + r * 100_003).collect();
-            let a = self
-                .cache
-                .allocate(PoolId(0), &Prompt::ids(&prompt))
-                .unwrap();
-            self.seqs.push(a.seq);
-        }
-        self.step = 0;
-    }
-
-    /// One step: every sequence appends a known token, then the batch's
-    /// tables are exported.
-    fn step(&mut self) {
-        let (mut max_blocks, mut pages) = (0, 0);
-        for (r, &s) in self.seqs.iter().enumerate() {
-            self.cache.append(s, &[self.step * 13 + r as u32]).unwrap();
-            let info = self.cache.info(s).unwrap();
-            max_blocks = max_blocks.max(info.blocks as usize);
-            pages += info.blocks as usize;
-        }
-        self.block_tables.resize(SEQS * max_blocks, -1);
-        self.indices.resize(pages, 0);
-        let c = &self.cache;
-        c.export_block_tables(&self.seqs, max_blocks, -1, &mut self.block_tables)
-            .unwrap();
-        for (k, &s) in self.seqs.iter().enumerate() {
-            let last = c.info(s).unwrap().tokens - 1;
-            c.export_slots(s, last, 1, &mut self.slots[k..]).unwrap();
-        }
-        c.export_flashinfer(
-            &self.seqs,
-            &mut self.indptr,
-            &mut self.indices,
-            &mut self.last,
-        )
-        .unwrap();
-        black_box((&self.block_tables, &self.slots, &self.indices));
-        self.step += 1;
-    }
-
-    /// `iters` steps, restarting (untimed) every `STEPS`.
-    fn timed(&mut self, iters: u64) -> Duration {
-        let mut total = Duration::ZERO;
-        for _ in 0..iters {
-            if self.step == STEPS {
-                self.restart();
-            }
-            let t = Instant::now();
-            self.step();
-            total += t.elapsed();
-        }
-        total
-    }
-}
+use decode::{Decode, SEQS, STEPS};
 
 fn decode_step(c: &mut Criterion) {
     let mut d = Decode::new();

@@ -11,20 +11,21 @@
 #![allow(clippy::cast_possible_truncation, reason = "small bench values")]
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use pagedkv_core::{CacheConfig, KvCache, Prompt, SeqId};
 use pagedkv_manager::{
     AllocationRequest, BlockOrder, DType, ExportItem, ExtendItem, HostBackend, HostManager,
     KernelTables, KvCacheManager, KvLayout, ManagerConfig, RequestId,
 };
-use pagedkv_tests::{block_on, cache_with};
+use pagedkv_tests::block_on;
 
-const REQUESTS: usize = 256;
-const PROMPT: u32 = 496;
-const STEPS: u32 = 256;
-const BS: u32 = 16;
+#[path = "../../core/benches/common/decode.rs"]
+#[allow(dead_code, reason = "shared with the core's bench")]
+mod decode;
+
+use decode::{BS, Decode, PROMPT, STEPS, prompt, timed, token};
+
+const REQUESTS: usize = decode::SEQS;
 
 /// A layout with tiny blocks: the step's cost is bookkeeping, not bytes.
 fn layout() -> KvLayout {
@@ -36,10 +37,6 @@ fn layout() -> KvLayout {
         dtype: DType::F16,
         order: BlockOrder::BlockMajor,
     }
-}
-
-fn prompt(r: usize) -> Vec<u32> {
-    (0..PROMPT).map(|i| i * 7 + r as u32 * 100_003).collect()
 }
 
 struct ManagerRun {
@@ -93,7 +90,7 @@ impl ManagerRun {
 
     fn decode(&mut self) {
         for (r, t) in self.tokens.iter_mut().enumerate() {
-            t[0] = self.step * 13 + r as u32;
+            t[0] = token(self.step, r);
         }
         let items: Vec<ExtendItem<'_>> = self
             .tokens
@@ -111,117 +108,10 @@ impl ManagerRun {
     }
 }
 
-struct CoreRun {
-    cache: KvCache<'static, pagedkv_core::SipBlockHasher>,
-    seqs: Vec<SeqId>,
-    step: u32,
-    block_tables: Vec<i32>,
-    slots: Vec<i64>,
-    indptr: Vec<i32>,
-    indices: Vec<i32>,
-    last: Vec<i32>,
-}
-
-impl CoreRun {
-    fn new() -> Self {
-        let width = (PROMPT + STEPS) / BS + 1;
-        let config = CacheConfig {
-            tokens_per_block: BS,
-            max_seqs: REQUESTS as u32,
-            max_blocks_per_seq: width,
-            max_plans: 4,
-        };
-        let cache = cache_with(config, &[REQUESTS as u32 * width], 0);
-        let mut run = Self {
-            cache,
-            seqs: Vec::new(),
-            step: 0,
-            block_tables: Vec::new(),
-            slots: vec![0; REQUESTS],
-            indptr: vec![0; REQUESTS + 1],
-            indices: Vec::new(),
-            last: vec![0; REQUESTS],
-        };
-        run.restart();
-        run
-    }
-
-    fn restart(&mut self) {
-        for s in self.seqs.drain(..) {
-            self.cache.free(s).unwrap();
-        }
-        let pool = self.cache.pools()[0].id();
-        for r in 0..REQUESTS {
-            let a = self.cache.allocate(pool, &Prompt::ids(&prompt(r))).unwrap();
-            self.seqs.push(a.seq);
-        }
-        self.step = 0;
-    }
-
-    fn decode(&mut self) {
-        let mut max_blocks = 0;
-        let mut pages = 0;
-        for (r, &s) in self.seqs.iter().enumerate() {
-            self.cache.append(s, &[self.step * 13 + r as u32]).unwrap();
-            let info = self.cache.info(s).unwrap();
-            max_blocks = max_blocks.max(info.blocks as usize);
-            pages += info.blocks as usize;
-        }
-        self.block_tables.resize(REQUESTS * max_blocks, -1);
-        self.indices.resize(pages, 0);
-        let c = &self.cache;
-        c.export_block_tables(&self.seqs, max_blocks, -1, &mut self.block_tables)
-            .unwrap();
-        for (k, &s) in self.seqs.iter().enumerate() {
-            let last = c.info(s).unwrap().tokens - 1;
-            c.export_slots(s, last, 1, &mut self.slots[k..]).unwrap();
-        }
-        c.export_flashinfer(
-            &self.seqs,
-            &mut self.indptr,
-            &mut self.indices,
-            &mut self.last,
-        )
-        .unwrap();
-        black_box((&self.block_tables, &self.slots, &self.indices));
-        self.step += 1;
-    }
-}
-
-/// Times `decode` alone, restarting (untimed) every `STEPS` steps.
-fn timed<R>(
-    run: &mut R,
-    iters: u64,
-    decode: fn(&mut R),
-    step: fn(&R) -> u32,
-    restart: fn(&mut R),
-) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        if step(run) == STEPS {
-            restart(run);
-        }
-        let t = Instant::now();
-        decode(run);
-        total += t.elapsed();
-    }
-    total
-}
-
 fn decode_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_step_256_requests");
-    let mut core = CoreRun::new();
-    g.bench_function("core_only", |b| {
-        b.iter_custom(|iters| {
-            timed(
-                &mut core,
-                iters,
-                CoreRun::decode,
-                |r| r.step,
-                CoreRun::restart,
-            )
-        })
-    });
+    let mut core = Decode::new();
+    g.bench_function("core_only", |b| b.iter_custom(|iters| core.timed(iters)));
     drop(core);
     let mut mgr = ManagerRun::new();
     g.bench_function("manager_extend_batch_and_export_tables", |b| {
@@ -229,8 +119,8 @@ fn decode_step(c: &mut Criterion) {
             timed(
                 &mut mgr,
                 iters,
-                ManagerRun::decode,
                 |r| r.step,
+                ManagerRun::decode,
                 ManagerRun::restart,
             )
         })
