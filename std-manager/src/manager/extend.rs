@@ -38,9 +38,9 @@ impl<B: ManagedBackend> KvManager<B> {
         batch: &[RequestId],
     ) -> Result<Extension> {
         let n = u32::try_from(n).map_err(|_| too_long())?;
+        // `ensure_on_device_keeping` marks the request used.
         let mut room = {
-            let mut inner = lock(&self.shared.inner);
-            inner.req_mut(id)?.last_access = Instant::now();
+            let inner = lock(&self.shared.inner);
             let st = inner.req(id)?;
             // Before anything moves (a swap-in, a copy, preemptions).
             self.check_fits(&inner, st, n, lookahead)?;
