@@ -148,6 +148,10 @@ struct Simulate {
     /// Move real KV bytes (pools must fit in memory); default: metadata only.
     #[arg(long)]
     with_bytes: bool,
+    /// Where `--with-bytes` puts the KV: `host` (hal-host) or `cuda` (GPU
+    /// memory, host tier in pinned memory; needs a CUDA driver and GPU).
+    #[arg(long, default_value = "host", value_parser = ["host", "cuda"])]
+    backend: String,
     /// Uncached prompt tokens per second (timed cost model).
     #[arg(long, default_value_t = 8000.0)]
     prefill_tps: f64,
@@ -287,8 +291,22 @@ fn progress_bar(len: u64) -> ProgressBar {
     pb
 }
 
+/// The replay with KV bytes on a GPU.
+#[cfg(feature = "cuda")]
+fn run_cuda(w: &workload::Workload, cfg: &SimConfig, args: &Simulate) -> Result<Vec<RunResult>> {
+    let make =
+        || pagedkv_manager::CudaBackend::new().map_err(|e| anyhow::anyhow!("--backend cuda: {e}"));
+    run_all(&make, w, cfg, args)
+}
+
+/// Without the `cuda` feature, `--backend cuda` is refused.
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &workload::Workload, _: &SimConfig, _: &Simulate) -> Result<Vec<RunResult>> {
+    bail!("--backend cuda: this pagedkv was built without the `cuda` feature")
+}
+
 fn run_all<B: ManagedBackend>(
-    make: &dyn Fn() -> B,
+    make: &dyn Fn() -> Result<B>,
     w: &workload::Workload,
     cfg: &SimConfig,
     args: &Simulate,
@@ -306,7 +324,7 @@ fn run_all<B: ManagedBackend>(
         } else {
             sim::preempt_policy("lru")?
         };
-        let m = KvManager::with_policy(make(), sim::manager_config(w, cfg), policy)?;
+        let m = KvManager::with_policy(make()?, sim::manager_config(w, cfg), policy)?;
         let pb = progress_bar(w.requests.len() as u64);
         pb.set_message(format!("replaying ({preempt})"));
         let mut shown = false;
@@ -386,10 +404,14 @@ fn simulate(args: Simulate) -> Result<()> {
     let belady = sim::belady(&w, device, timed);
     let mut runs = Vec::new();
     if args.policy.iter().any(|p| p == "lru") {
-        runs = if args.with_bytes {
-            run_all(&HostBackend::new, &w, &cfg, &args)?
-        } else {
-            run_all(&MetadataBackend::new, &w, &cfg, &args)?
+        runs = match (args.with_bytes, args.backend.as_str()) {
+            (false, "host") => run_all(&|| Ok(MetadataBackend::new()), &w, &cfg, &args)?,
+            (false, _) => bail!(
+                "--backend {} moves real bytes: add --with-bytes",
+                args.backend
+            ),
+            (true, "host") => run_all(&|| Ok(HostBackend::new()), &w, &cfg, &args)?,
+            (true, _) => run_cuda(&w, &cfg, &args)?,
         };
     }
     if args.policy.iter().any(|p| p == "belady") {

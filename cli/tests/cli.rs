@@ -470,3 +470,27 @@ fn a_huge_input_length_does_not_size_the_manager() {
     assert_eq!(v["runs"][0]["rejected"], 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--with-bytes --backend cuda` moves the KV through a GPU where there is
+/// one (the same hit ratios as hal-host's bytes), and is refused with the
+/// reason where there is none.
+#[test]
+fn the_cuda_backend_runs_on_a_gpu_or_is_refused_with_the_reason() {
+    let args = ["simulate", "--conversations", "6", "--with-bytes"];
+    let host = json(&args);
+    let out = bin()
+        .args(args)
+        .args(["--json", "--backend", "cuda"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("Unsupported") {
+        assert!(!out.status.success());
+        assert!(err.contains("--backend cuda"), "{err}");
+        eprintln!("skipped the GPU run: {err}");
+        return;
+    }
+    assert!(out.status.success(), "{err}");
+    let gpu: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(run_ratio(&gpu, "lru"), run_ratio(&host, "lru"));
+}

@@ -32,3 +32,11 @@ pub use types::{
 
 /// The manager over host memory (and simulated devices).
 pub type HostManager = KvManager<HostBackend>;
+
+#[cfg(feature = "cuda")]
+pub use pagedkv_hal_cuda::{self as cuda, CudaBackend};
+
+/// The manager over CUDA GPUs (`Device::Gpu(n)` is CUDA device `n`; the
+/// host tier is mapped pinned memory).
+#[cfg(feature = "cuda")]
+pub type CudaManager = KvManager<CudaBackend>;

@@ -7,150 +7,30 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{checksum, config, kv_bytes, layout, request};
+use common::scenarios::{self, block_bytes, fill, prompt, sums};
+use common::{config, request};
 use pagedkv_manager::{
     AdvancedKvCacheManager, BlockAllocator, Device, HostBackend, HostManager, InvalidRequest,
     KvCacheManager, ManagerError, MemoryPressure, MultiDeviceCacheManager, PrefixCacheConfig,
     RequestId,
 };
 
-fn block_bytes() -> usize {
-    layout().block_bytes().unwrap() as usize
-}
-
-fn fill(m: &HostManager, id: RequestId, blocks: usize) -> Vec<u64> {
-    (0..blocks)
-        .map(|i| {
-            let data = kv_bytes(block_bytes(), id.0 * 1000 + i as u64);
-            m.write_block(id, i, &data).unwrap();
-            checksum(&data)
-        })
-        .collect()
-}
-
-fn sums(m: &HostManager, id: RequestId, blocks: usize) -> Vec<u64> {
-    (0..blocks)
-        .map(|i| checksum(&m.read_block(id, i).unwrap()))
-        .collect()
-}
-
-fn prompt(n: u32, salt: u32) -> Vec<u32> {
-    (0..n).map(|i| i * 13 + salt).collect()
-}
-
 #[tokio::test]
 async fn kv_bytes_survive_swap_move_defragment_and_growth() {
-    let mut cfg = config(64);
-    cfg.initial_blocks = 16;
-    cfg.host_blocks = 64;
-    cfg.target_devices = vec![Device::Gpu(0), Device::Gpu(1)];
-    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
-    // Growth: 40 blocks on a pool backed for 16 at start.
-    let mut handles = Vec::new();
-    let mut want = Vec::new();
-    for id in 0..5u64 {
-        let h = m
-            .allocate(&request(id, prompt(64, id as u32)))
-            .await
-            .unwrap();
-        want.push(fill(&m, RequestId(id), 8));
-        handles.push(h);
-    }
-    // 40 blocks: 16 + 16 backed at start, so one pool grew by a region.
-    assert_eq!(m.total_block_count(), 48, "a device pool grew");
-    for id in 0..5u64 {
-        assert_eq!(
-            sums(&m, RequestId(id), 8),
-            want[id as usize],
-            "after growth"
-        );
-    }
-    // Swap out and in.
-    m.swap_out(RequestId(1)).await.unwrap();
-    assert_eq!(handles[1].device(), Device::Cpu);
-    assert!(
-        handles[1].key_cache(0).unwrap().is_none(),
-        "not addressable while swapped out"
-    );
-    assert_eq!(sums(&m, RequestId(1), 8), want[1], "on the host tier");
-    m.swap_in(RequestId(1)).await.unwrap();
-    assert_eq!(sums(&m, RequestId(1), 8), want[1], "after swap in");
-    // Move to another device.
-    m.move_cache(RequestId(2), Device::Gpu(1)).await.unwrap();
-    assert_eq!(m.get_cache_device(RequestId(2)), Some(Device::Gpu(1)));
-    assert_eq!(sums(&m, RequestId(2), 8), want[2], "after move");
-    // Free the first ones, then defragment: the rest is compacted.
-    m.deallocate(RequestId(0)).await.unwrap();
-    m.deallocate(RequestId(1)).await.unwrap();
-    let before = m.total_block_count();
-    m.defragment().unwrap();
-    assert!(
-        m.total_block_count() < before,
-        "pool shrank: {} -> {}",
-        before,
-        m.total_block_count()
-    );
-    for id in [3u64, 4] {
-        assert_eq!(
-            sums(&m, RequestId(id), 8),
-            want[id as usize],
-            "after defragment"
-        );
-        let t = handles[id as usize].block_table();
-        assert!(
-            t.physical_blocks
-                .iter()
-                .all(|b| (b.0 as usize) < m.total_block_count())
-        );
-    }
+    let m = HostManager::new(HostBackend::new(), scenarios::swap_config(2)).unwrap();
+    let handles = scenarios::swap_move_defragment(&m, 2).await;
     // Views address real memory: the first key byte of block 0 is the data.
     let v = handles[3].key_cache(0).unwrap().unwrap();
     // SAFETY: host memory of a live region; no transfer runs meanwhile.
     let first = unsafe { *(v.block_addrs[0] as *const u8) };
     assert_eq!(first, m.read_block(RequestId(3), 0).unwrap()[0]);
-    m.check_invariants().unwrap();
-    for id in [2u64, 3, 4] {
-        m.deallocate(RequestId(id)).await.unwrap();
-    }
-    assert!(m.used_blocks().iter().all(|&u| u == 0));
+    scenarios::free_the_rest(&m).await;
 }
 
 #[tokio::test]
 async fn compression_halves_the_bytes_within_the_bound() {
     let m = HostManager::new(HostBackend::new(), config(32)).unwrap();
-    let h = m.allocate(&request(1, prompt(48, 0))).await.unwrap();
-    let data: Vec<Vec<u8>> = (0..6).map(|i| kv_bytes(block_bytes(), i)).collect();
-    for (i, d) in data.iter().enumerate() {
-        m.write_block(RequestId(1), i, d).unwrap();
-    }
-    assert!(matches!(
-        m.compress_cache(RequestId(1), 0.25).await,
-        Err(ManagerError::UnreachableRatio { .. })
-    ));
-    m.compress_cache(RequestId(1), 0.5).await.unwrap();
-    let cs = m.compression_stats();
-    assert_eq!(cs.compressed_caches, 1);
-    assert!((cs.avg_compression_ratio - 0.5).abs() < 0.05, "{cs:?}");
-    assert!(cs.memory_saved_bytes >= 6 * block_bytes() * 9 / 20);
-    assert!(h.key_cache(0).unwrap().is_none());
-    // Running again decompresses first.
-    m.extend(RequestId(1), 1).await.unwrap();
-    assert_eq!(m.compression_stats().compressed_caches, 0);
-    for (i, d) in data.iter().enumerate() {
-        let got = m.read_block(RequestId(1), i).unwrap();
-        for (k, (x, y)) in d.chunks(2).zip(got.chunks(2)).enumerate() {
-            let x = half::f16::from_le_bytes([x[0], x[1]]).to_f32();
-            let y = half::f16::from_le_bytes([y[0], y[1]]).to_f32();
-            let bound = pagedkv_hal_host::quant::error_bound(
-                pagedkv_core::QuantFormat::Int8PerHead,
-                x,
-                8.0,
-                pagedkv_core::DType::F16,
-            );
-            assert!((x - y).abs() <= bound, "block {i} element {k}: {x} -> {y}");
-        }
-    }
-    m.check_invariants().unwrap();
+    scenarios::compression_within_bound(&m).await;
 }
 
 #[tokio::test]

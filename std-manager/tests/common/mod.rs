@@ -9,6 +9,8 @@
     reason = "test helpers"
 )]
 
+pub mod scenarios;
+
 use pagedkv_core::{BackendError, ErrorKind};
 use pagedkv_manager::{AllocationRequest, BlockOrder, DType, KvLayout, ManagerConfig, RequestId};
 pub use pagedkv_tests::faulty::{Faulty, Knobs};
