@@ -40,3 +40,11 @@ pub use pagedkv_hal_cuda::{self as cuda, CudaBackend};
 /// host tier is mapped pinned memory).
 #[cfg(feature = "cuda")]
 pub type CudaManager = KvManager<CudaBackend>;
+
+#[cfg(feature = "vulkan")]
+pub use pagedkv_hal_vulkan::{self as vulkan, VulkanBackend};
+
+/// The manager over a Vulkan device (every `Device::Gpu(n)` is that one
+/// device; the host tier is host-visible memory).
+#[cfg(feature = "vulkan")]
+pub type VulkanManager = KvManager<VulkanBackend>;
