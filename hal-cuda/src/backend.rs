@@ -9,7 +9,26 @@ use crate::lower::{self, CopyStrategy, Width};
 use crate::region::{self, CudaRegion};
 use crate::{CudaBackend, CudaError, CudaFence};
 
+/// Makes `g`'s context current. Unlike cudarc's `bind_to_thread`, this
+/// does not first report an error recorded by an earlier drop (which would
+/// leave the context unbound).
+pub(crate) fn bind(g: &crate::Gpu) -> Result<(), CudaError> {
+    // SAFETY: a context retained by `g` for its whole life.
+    unsafe { result::ctx::set_current(g.ctx.cu_ctx()) }
+        .map_err(CudaError::driver("binding a context"))
+}
+
 impl CudaBackend {
+    /// An error met after work may have been queued on `exec`'s stream:
+    /// waits for that work first, so the caller, told the batch failed, may
+    /// reuse its blocks at once.
+    fn settle(&self, exec: usize, e: CudaError) -> CudaError {
+        if let Ok(g) = self.opened(exec) {
+            let _ = g.stream.synchronize();
+        }
+        e
+    }
+
     fn check(&self, r: &CudaRegion) -> Result<(), CudaError> {
         if r.owner == self.owner {
             Ok(())
@@ -89,9 +108,7 @@ impl CudaBackend {
         batch: &ValidatedBatch<'_>,
     ) -> Result<(), CudaError> {
         let g = self.opened(exec)?;
-        g.ctx
-            .bind_to_thread()
-            .map_err(CudaError::driver("binding a context"))?;
+        bind(g)?;
         let peer = match (src.ordinal, dst.ordinal) {
             (Some(s), Some(d)) if s != d => {
                 Some((self.opened(s)?.ctx.cu_ctx(), self.opened(d)?.ctx.cu_ctx()))
@@ -245,9 +262,11 @@ impl CudaBackend {
             // SAFETY: arguments match `pagedkv_quant`'s parameters; the
             // layouts were checked to be one shape in two element types, so
             // every element and scale the kernel addresses lies in its region.
-            unsafe { b.launch(cfg) }.map_err(CudaError::driver("launching the quantize kernel"))?;
+            unsafe { b.launch(cfg) }
+                .map_err(CudaError::driver("launching the quantize kernel"))
+                .map_err(|e| self.settle(exec, e))?;
         }
-        self.fence(exec)
+        self.fence(exec).map_err(|e| self.settle(exec, e))
     }
 }
 
@@ -272,9 +291,7 @@ impl Backend for CudaBackend {
             MemoryKind::PinnedHost | MemoryKind::Host => (None, self.home),
         };
         let g = self.gpu(device)?;
-        g.ctx
-            .bind_to_thread()
-            .map_err(CudaError::driver("binding a context"))?;
+        bind(g)?;
         let (addr, host) = if bytes == 0 {
             (0, None)
         } else if ordinal.is_some() {
@@ -306,11 +323,14 @@ impl Backend for CudaBackend {
             return;
         }
         let device = region.ordinal.unwrap_or(self.home);
-        if let Ok(g) = self.gpu(device) {
-            let _ = g.ctx.bind_to_thread();
+        if let Ok(g) = self.gpu(device)
+            && bind(g).is_ok()
+        {
             // SAFETY: ours and live (the caller's contract: not destroyed
             // before, no batch in flight on it).
-            let _ = unsafe { region::free(&region) };
+            if let Err(e) = unsafe { region::free(&region) } {
+                eprintln!("pagedkv-hal-cuda: leaking a region: {e}");
+            }
         }
     }
 
@@ -338,13 +358,14 @@ impl Backend for CudaBackend {
                         )
                 }
             };
-            if engine {
-                self.copy_ranges(exec, src, dst, &batch)?;
+            let queued = if engine {
+                self.copy_ranges(exec, src, dst, &batch)
             } else {
-                self.copy_kernel(exec, src, dst, &batch)?;
-            }
+                self.copy_kernel(exec, src, dst, &batch)
+            };
+            queued.map_err(|e| self.settle(exec, e))?;
         }
-        self.fence(exec)
+        self.fence(exec).map_err(|e| self.settle(exec, e))
     }
 
     fn write_bytes(
@@ -370,11 +391,18 @@ impl Backend for CudaBackend {
             }
             None => {
                 let g = self.gpu(region.ordinal.unwrap_or(self.home))?;
-                g.ctx
-                    .bind_to_thread()
-                    .map_err(CudaError::driver("binding a context"))?;
-                // SAFETY: the target range lies in the live device region.
-                unsafe { result::memcpy_htod_sync(region.addr + at as u64, data) }
+                bind(g)?;
+                // On the backend's stream, then waited: a plain
+                // `cuMemcpyHtoD` from pageable memory may return before the
+                // bytes land, unordered with the (non-blocking) stream.
+                // SAFETY: the target range lies in the live device region;
+                // `data` outlives the copy (the stream is synchronized).
+                unsafe {
+                    result::memcpy_htod_async(region.addr + at as u64, data, g.stream.cu_stream())
+                }
+                .map_err(CudaError::driver("writing device memory"))?;
+                g.stream
+                    .synchronize()
                     .map_err(CudaError::driver("writing device memory"))
             }
         }
@@ -402,9 +430,7 @@ impl Backend for CudaBackend {
             }
             None => {
                 let g = self.gpu(region.ordinal.unwrap_or(self.home))?;
-                g.ctx
-                    .bind_to_thread()
-                    .map_err(CudaError::driver("binding a context"))?;
+                bind(g)?;
                 // SAFETY: the source range lies in the live device region.
                 unsafe { result::memcpy_dtoh_sync(out, region.addr + at as u64) }
                     .map_err(CudaError::driver("reading device memory"))

@@ -53,6 +53,7 @@ pub(crate) fn kind_of(code: CUresult) -> ErrorKind {
         R::CUDA_ERROR_NO_DEVICE
         | R::CUDA_ERROR_INVALID_DEVICE
         | R::CUDA_ERROR_NOT_SUPPORTED
+        | R::CUDA_ERROR_STUB_LIBRARY
         | R::CUDA_ERROR_NOT_FOUND
         | R::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
         | R::CUDA_ERROR_NO_BINARY_FOR_GPU

@@ -43,10 +43,28 @@ pub fn recorded_hash(ptx_file: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-/// A PTX file for `ptx` compiled from [`SOURCE`] by NVRTC `version`.
+/// The PTX ISA version the committed file declares: 7.0, the first with
+/// `sm_80` (CUDA 11.0 drivers load it). NVRTC 12.8 writes 8.7, which drivers
+/// before R570 refuse, although these kernels use nothing newer than 7.0's
+/// instructions (`ptxas` assembles the file unchanged otherwise).
+pub const COMMITTED_ISA: &str = ".version 7.0";
+
+/// A PTX file for `ptx` compiled from [`SOURCE`] by NVRTC `version`: the
+/// header line, then the PTX with its `.version` set to [`COMMITTED_ISA`].
 pub fn ptx_file(ptx: &str, version: (i32, i32)) -> String {
+    let body: String = ptx
+        .lines()
+        .map(|l| {
+            if l.starts_with(".version ") {
+                COMMITTED_ISA
+            } else {
+                l
+            }
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect();
     format!(
-        "{HEADER}{:016x} nvrtc {}.{} {COMMITTED_ARCH}\n{ptx}",
+        "{HEADER}{:016x} nvrtc {}.{} {COMMITTED_ARCH}\n{body}",
         fnv1a(SOURCE),
         version.0,
         version.1
@@ -114,30 +132,106 @@ pub fn arch_of(cc: (i32, i32)) -> Option<&'static str> {
     })
 }
 
+/// The real architecture (`sm_XY`) of a virtual one (`compute_XY`).
+fn real_arch(arch: &'static str) -> Option<&'static str> {
+    Some(match arch {
+        "compute_80" => "sm_80",
+        "compute_86" => "sm_86",
+        "compute_87" => "sm_87",
+        "compute_89" => "sm_89",
+        "compute_90" => "sm_90",
+        "compute_100" => "sm_100",
+        "compute_120" => "sm_120",
+        _ => return None,
+    })
+}
+
+/// Compiles [`SOURCE`] to a CUBIN for `sm` (`"sm_90"`): machine code, which
+/// the driver loads without the PTX version check PTX is subject to.
+pub fn compile_cubin(sm: &'static str) -> Result<Vec<u8>, CudaError> {
+    use cudarc::nvrtc::{result, sys};
+    if !nvrtc_present() {
+        return Err(CudaError::unsupported(
+            "NVRTC (libnvrtc) is not on this machine",
+        ));
+    }
+    let fail =
+        |what| move |e: result::NvrtcError| CudaError::other(what).with_detail(format!("{e:?}"));
+    let src =
+        std::ffi::CString::new(SOURCE).map_err(|_| CudaError::other("NUL in the kernel source"))?;
+    let prog = result::create_program(&src, Some(c"pagedkv.cu"))
+        .map_err(fail("creating an NVRTC program"))?;
+    let opts = options(sm);
+    let mut args: Vec<String> = Vec::new();
+    args.extend(opts.ftz.map(|v| format!("--ftz={v}")));
+    args.extend(opts.prec_div.map(|v| format!("--prec-div={v}")));
+    args.extend(opts.prec_sqrt.map(|v| format!("--prec-sqrt={v}")));
+    args.extend(opts.fmad.map(|v| format!("--fmad={v}")));
+    args.push(format!("--gpu-architecture={sm}"));
+    // SAFETY: `prog` is a live program (created above, destroyed below);
+    // the options are valid strings; the size query writes one usize and
+    // the buffer has exactly that size.
+    unsafe {
+        let r =
+            result::compile_program(prog, &args).map_err(fail("compiling the kernels to a CUBIN"));
+        let r = r.and_then(|()| {
+            let mut n = 0usize;
+            sys::nvrtcGetCUBINSize(prog, &mut n)
+                .result()
+                .map_err(fail("sizing the CUBIN"))?;
+            let mut buf = vec![0u8; n];
+            sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast())
+                .result()
+                .map_err(fail("reading the CUBIN"))?;
+            Ok(buf)
+        });
+        let _ = result::destroy_program(prog);
+        r
+    }
+}
+
 /// Where a device's kernels came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelOrigin {
-    /// Compiled by NVRTC for the device's architecture.
+    /// Compiled by NVRTC to machine code for the device (`sm_XY`).
     Nvrtc(&'static str),
-    /// The committed `compute_80` PTX (no NVRTC, or an architecture NVRTC
-    /// 12.8 does not name).
+    /// The committed `compute_80` PTX, JIT-compiled by the driver (no NVRTC,
+    /// an architecture NVRTC 12.8 does not name, NVRTC's code refused, or
+    /// `PAGEDKV_CUDA_KERNELS=committed`).
     Committed,
 }
 
-/// The PTX for a device of compute capability `cc`: NVRTC's for its
-/// architecture where NVRTC is present and compiles, else the committed one.
-pub fn ptx_for(cc: (i32, i32)) -> Result<(Ptx, KernelOrigin), CudaError> {
+/// The kernel images to try, in order, on a device of compute capability
+/// `cc`: NVRTC's CUBIN for its architecture where NVRTC is present, then the
+/// committed PTX. `PAGEDKV_CUDA_KERNELS=committed` or `=nvrtc` keeps only
+/// that one (to test each on a machine that has both).
+pub fn candidates(cc: (i32, i32)) -> Result<Vec<(Ptx, KernelOrigin)>, CudaError> {
     if cc.0 < 8 {
         return Err(CudaError::unsupported(
             "pagedkv's kernels need compute capability 8.0 (Ampere) or later",
         ));
     }
-    if let Some(arch) = arch_of(cc).filter(|_| nvrtc_present())
-        && let Ok(src) = compile(arch)
-    {
-        return Ok((Ptx::from_src(src), KernelOrigin::Nvrtc(arch)));
+    let only = std::env::var("PAGEDKV_CUDA_KERNELS").ok();
+    let mut out = Vec::new();
+    if only.as_deref() != Some("committed") {
+        let sm = arch_of(cc).and_then(real_arch).filter(|_| nvrtc_present());
+        match sm.map(compile_cubin) {
+            Some(Ok(bin)) => {
+                out.push((Ptx::from_binary(bin), KernelOrigin::Nvrtc(sm.unwrap_or(""))))
+            }
+            Some(Err(e)) if only.as_deref() == Some("nvrtc") => return Err(e),
+            _ if only.as_deref() == Some("nvrtc") => {
+                return Err(CudaError::unsupported(
+                    "PAGEDKV_CUDA_KERNELS=nvrtc but NVRTC cannot compile for this device",
+                ));
+            }
+            _ => {}
+        }
     }
-    Ok((Ptx::from_src(COMMITTED_PTX), KernelOrigin::Committed))
+    if only.as_deref() != Some("nvrtc") {
+        out.push((Ptx::from_src(COMMITTED_PTX), KernelOrigin::Committed));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -163,12 +257,13 @@ mod tests {
 
     #[test]
     fn the_header_round_trips() {
-        let f = ptx_file(".version 8.7\n", (12, 8));
+        let f = ptx_file(".version 8.7\n.target sm_80\n", (12, 8));
         assert_eq!(recorded_hash(&f), Some(fnv1a(SOURCE)));
-        assert!(f.ends_with(".version 8.7\n"));
+        assert!(f.ends_with(".version 7.0\n.target sm_80\n"));
         assert_eq!(recorded_hash(".version 8.7"), None);
         assert_eq!(arch_of((9, 0)), Some("compute_90"));
         assert_eq!(arch_of((7, 5)), None);
-        assert!(ptx_for((7, 5)).is_err(), "Turing is refused");
+        assert!(candidates((7, 5)).is_err(), "Turing is refused");
+        assert!(f.contains(COMMITTED_ISA));
     }
 }

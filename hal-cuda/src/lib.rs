@@ -105,10 +105,18 @@ impl Gpu {
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(CudaError::driver("reading the multiprocessor count"))?;
-        let (ptx, origin) = kernels::ptx_for(cc)?;
-        let module = ctx
-            .load_module(ptx)
-            .map_err(CudaError::driver("loading the kernels"))?;
+        let mut loaded = None;
+        let mut last = CudaError::other("no kernel image to load");
+        for (image, origin) in kernels::candidates(cc)? {
+            match ctx.load_module(image) {
+                Ok(m) => {
+                    loaded = Some((m, origin));
+                    break;
+                }
+                Err(e) => last = CudaError::driver("loading the kernels")(e),
+            }
+        }
+        let (module, origin) = loaded.ok_or(last)?;
         let f = |name| {
             module
                 .load_function(name)
@@ -145,6 +153,15 @@ pub struct CudaBackend {
     next_id: u64,
     strategy: CopyStrategy,
     pairs: Vec<u32>,
+}
+
+impl Drop for CudaBackend {
+    /// Waits for every stream, so no kernel runs while the streams and
+    /// modules it uses are destroyed (regions not destroyed stay allocated:
+    /// their memory belongs to the caller's handles).
+    fn drop(&mut self) {
+        let _ = self.sync_all();
+    }
 }
 
 static NEXT_OWNER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);

@@ -316,3 +316,107 @@ fn bad_batches_and_foreign_regions_are_typed_errors() {
         other.destroy_region(foreign);
     }
 }
+
+/// Copies 40 scattered blocks of a region of `layout` between two memories
+/// of `be`; returns the target's bytes.
+fn copied<B: Backend>(be: &mut B, layout: KvLayout, from: MemoryKind, to: MemoryKind) -> Vec<u8> {
+    let n = 64u32;
+    let bytes = layout.region_bytes(n).unwrap() as usize;
+    let data: Vec<u8> = (0..bytes).map(|i| (i * 31 + i / 4096) as u8).collect();
+    let a = be
+        .create_region(&RegionDesc {
+            block_count: n,
+            layout,
+            memory: from,
+        })
+        .unwrap();
+    let b = be
+        .create_region(&RegionDesc {
+            block_count: n,
+            layout,
+            memory: to,
+        })
+        .unwrap();
+    be.write_bytes(&a, 0, &data).unwrap();
+    be.write_bytes(&b, 0, &vec![0u8; bytes]).unwrap();
+    let copies: Vec<BlockCopy> = (0..40)
+        .map(|i| BlockCopy {
+            src: BlockId((i * 7) % n),
+            dst: BlockId(i),
+        })
+        .collect();
+    let mut v = BatchValidator::with_capacity(n);
+    // SAFETY: regions of `be`, live; waited below.
+    let f = unsafe { be.copy_blocks(&a, &b, v.validate(&copies, n, n, false).unwrap()) }.unwrap();
+    be.wait(&f).unwrap();
+    let mut out = vec![0u8; bytes];
+    be.read_bytes(&b, 0, &mut out).unwrap();
+    // SAFETY: nothing in flight.
+    unsafe {
+        be.destroy_region(a);
+        be.destroy_region(b);
+    }
+    out
+}
+
+/// Layouts whose pieces are not 16-byte multiples take the 8, 4 and 1-byte
+/// copy kernels; quantized parts of odd sizes and heads of odd widths take
+/// the quantize kernel's unaligned paths. Each gives hal-host's bytes.
+#[test]
+fn odd_layouts_give_hal_hosts_bytes() {
+    let Some(mut gpu) = gpu() else { return };
+    let shapes = [
+        (1, 3, 1, DType::F16),  // 6-byte pieces: 1-byte kernel
+        (1, 1, 1, DType::F32),  // 4-byte pieces: 4-byte kernel
+        (2, 4, 1, DType::F16),  // 16-byte pieces
+        (3, 5, 3, DType::BF16), // 90-byte pieces
+        (2, 4, 2, DType::Int8), // 16 + 8 scale bytes = 24: 8-byte kernel
+        (1, 3, 1, DType::Fp8E4M3),
+    ];
+    for (heads, dim, tokens, dtype) in shapes {
+        for order in [BlockOrder::BlockMajor, BlockOrder::LayerMajor] {
+            let l = KvLayout {
+                layers: 3,
+                kv_heads: heads,
+                head_size: dim,
+                tokens_per_block: tokens,
+                dtype,
+                order,
+            };
+            for strategy in [CopyStrategy::Kernel, CopyStrategy::Memcpy] {
+                gpu.set_copy_strategy(strategy);
+                for (from, to) in [
+                    (MemoryKind::Device(0), MemoryKind::PinnedHost),
+                    (MemoryKind::PinnedHost, MemoryKind::Device(0)),
+                    (MemoryKind::Device(0), MemoryKind::Device(0)),
+                ] {
+                    let want = copied(
+                        &mut HostBackend::new(),
+                        l,
+                        MemoryKind::Host,
+                        MemoryKind::Host,
+                    );
+                    let got = copied(&mut gpu, l, from, to);
+                    assert!(
+                        got == want,
+                        "{l:?} {strategy:?} {from:?}->{to:?}: bytes differ from hal-host's"
+                    );
+                }
+            }
+            if dtype.is_quantized() {
+                continue;
+            }
+            for format in [QuantFormat::Int8PerHead, QuantFormat::Fp8E4M3PerHead] {
+                let elems = (l.region_bytes(16).unwrap() / u64::from(dtype.size_bytes())) as usize;
+                let data = encode(&values(elems, 11), dtype);
+                let want = round_trip(&mut HostBackend::new(), l, format, &data, MemoryKind::Host);
+                let got = round_trip(&mut gpu, l, format, &data, MemoryKind::Device(0));
+                assert!(
+                    got == want,
+                    "{l:?} {format:?}: quantized bytes differ from hal-host's"
+                );
+            }
+        }
+    }
+    gpu.set_copy_strategy(CopyStrategy::Auto);
+}

@@ -54,3 +54,20 @@ fn the_committed_ptx_is_nvrtcs_output() {
         "kernels/pagedkv.ptx is stale: `cargo run -p pagedkv-hal-cuda --example regen_ptx`"
     );
 }
+
+#[test]
+fn every_kernel_compiles_to_ampere_and_hopper_machine_code() {
+    if nvrtc().is_none() {
+        return;
+    }
+    for sm in ["sm_80", "sm_90"] {
+        let bin = kernels::compile_cubin(sm).unwrap_or_else(|e| panic!("{sm}: {e}"));
+        assert_eq!(&bin[..4], b"\x7fELF", "{sm}: a CUBIN is an ELF image");
+        for k in kernels::KERNELS {
+            assert!(
+                bin.windows(k.len()).any(|w| w == k.as_bytes()),
+                "{sm}: no {k} in the CUBIN"
+            );
+        }
+    }
+}
