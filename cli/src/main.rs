@@ -148,9 +148,10 @@ struct Simulate {
     /// Move real KV bytes (pools must fit in memory); default: metadata only.
     #[arg(long)]
     with_bytes: bool,
-    /// Where `--with-bytes` puts the KV: `host` (hal-host) or `cuda` (GPU
-    /// memory, host tier in pinned memory; needs a CUDA driver and GPU).
-    #[arg(long, default_value = "host", value_parser = ["host", "cuda"])]
+    /// Where `--with-bytes` puts the KV: `host` (hal-host), `cuda` (GPU
+    /// memory, host tier in pinned memory; needs a CUDA driver and GPU) or
+    /// `vulkan` (a Vulkan device's memory; Mesa's lavapipe works on a CPU).
+    #[arg(long, default_value = "host", value_parser = ["host", "cuda", "vulkan"])]
     backend: String,
     /// Uncached prompt tokens per second (timed cost model).
     #[arg(long, default_value_t = 8000.0)]
@@ -305,6 +306,23 @@ fn run_cuda(_: &workload::Workload, _: &SimConfig, _: &Simulate) -> Result<Vec<R
     bail!("--backend cuda: this pagedkv was built without the `cuda` feature")
 }
 
+/// The replay with KV bytes in a Vulkan device's memory.
+#[cfg(feature = "vulkan")]
+fn run_vulkan(w: &workload::Workload, cfg: &SimConfig, args: &Simulate) -> Result<Vec<RunResult>> {
+    let make = || {
+        let o = pagedkv_manager::vulkan::VulkanOptions::default();
+        pagedkv_manager::VulkanBackend::new(&o)
+            .map_err(|e| anyhow::anyhow!("--backend vulkan: {e}"))
+    };
+    run_all(&make, w, cfg, args)
+}
+
+/// Without the `vulkan` feature, `--backend vulkan` is refused.
+#[cfg(not(feature = "vulkan"))]
+fn run_vulkan(_: &workload::Workload, _: &SimConfig, _: &Simulate) -> Result<Vec<RunResult>> {
+    bail!("--backend vulkan: this pagedkv was built without the `vulkan` feature")
+}
+
 fn run_all<B: ManagedBackend>(
     make: &dyn Fn() -> Result<B>,
     w: &workload::Workload,
@@ -411,7 +429,8 @@ fn simulate(args: Simulate) -> Result<()> {
                 args.backend
             ),
             (true, "host") => run_all(&|| Ok(HostBackend::new()), &w, &cfg, &args)?,
-            (true, _) => run_cuda(&w, &cfg, &args)?,
+            (true, "cuda") => run_cuda(&w, &cfg, &args)?,
+            (true, _) => run_vulkan(&w, &cfg, &args)?,
         };
     }
     if args.policy.iter().any(|p| p == "belady") {

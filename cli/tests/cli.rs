@@ -494,3 +494,27 @@ fn the_cuda_backend_runs_on_a_gpu_or_is_refused_with_the_reason() {
     let gpu: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(run_ratio(&gpu, "lru"), run_ratio(&host, "lru"));
 }
+
+/// `--with-bytes --backend vulkan` replays through a Vulkan device (lavapipe
+/// in CI) with the same hit ratios as hal-host's bytes; refused with the
+/// reason where there is no Vulkan.
+#[test]
+fn the_vulkan_backend_replays_like_the_host_one() {
+    let args = ["simulate", "--conversations", "6", "--with-bytes"];
+    let host = json(&args);
+    let out = bin()
+        .args(args)
+        .args(["--json", "--backend", "vulkan"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("Unsupported") && std::env::var("PAGEDKV_REQUIRE_VULKAN").as_deref() != Ok("1")
+    {
+        assert!(!out.status.success());
+        eprintln!("skipped the Vulkan run: {err}");
+        return;
+    }
+    assert!(out.status.success(), "{err}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(run_ratio(&v, "lru"), run_ratio(&host, "lru"));
+}
