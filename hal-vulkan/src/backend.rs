@@ -47,7 +47,7 @@ impl VulkanBackend {
         }
     }
 
-    fn reclaim(&mut self) -> Result<(), VulkanError> {
+    pub(crate) fn reclaim(&mut self) -> Result<(), VulkanError> {
         let d = &self.o.device;
         self.compute.reclaim(d, &mut self.free_sets)?;
         if let Some(t) = self.transfer.as_mut() {

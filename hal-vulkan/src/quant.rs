@@ -256,6 +256,9 @@ impl VulkanBackend {
         dequantize: bool,
     ) -> Result<VulkanFence, VulkanError> {
         self.check_batch(src, dst, batch)?;
+        // Free what completed submissions hold (pairs buffers, command
+        // buffers, descriptor sets), as `copy_blocks` does.
+        self.reclaim()?;
         if batch.same_region() {
             return Err(VulkanError::other("quantization needs two regions"));
         }
