@@ -180,9 +180,6 @@ fn quantization_gives_hal_hosts_bytes_exactly() {
 fn kernel_and_copy_engine_paths_move_the_same_bytes() {
     let Some(mut gpu) = gpu() else { return };
     let full = layout(BlockOrder::LayerMajor, DType::F16);
-    let n = 64u32;
-    let bytes = full.region_bytes(n).unwrap() as usize;
-    let data: Vec<u8> = (0..bytes).map(|i| (i * 31 + i / 4096) as u8).collect();
     let mut results = Vec::new();
     for strategy in [
         CopyStrategy::Kernel,
@@ -195,42 +192,7 @@ fn kernel_and_copy_engine_paths_move_the_same_bytes() {
             (MemoryKind::PinnedHost, MemoryKind::Device(0)),
             (MemoryKind::Device(0), MemoryKind::Device(0)),
         ] {
-            let a = gpu
-                .create_region(&RegionDesc {
-                    block_count: n,
-                    layout: full,
-                    memory: from,
-                })
-                .unwrap();
-            let b = gpu
-                .create_region(&RegionDesc {
-                    block_count: n,
-                    layout: full,
-                    memory: to,
-                })
-                .unwrap();
-            gpu.write_bytes(&a, 0, &data).unwrap();
-            gpu.write_bytes(&b, 0, &vec![0u8; bytes]).unwrap();
-            let copies: Vec<BlockCopy> = (0..40)
-                .map(|i| BlockCopy {
-                    src: BlockId((i * 7) % n),
-                    dst: BlockId(i),
-                })
-                .collect();
-            let mut v = BatchValidator::with_capacity(n);
-            // SAFETY: regions of `gpu`, live; waited below.
-            let f = unsafe { gpu.copy_blocks(&a, &b, v.validate(&copies, n, n, false).unwrap()) }
-                .unwrap();
-            gpu.wait(&f).unwrap();
-            assert!(gpu.poll(&f).unwrap());
-            let mut out = vec![0u8; bytes];
-            gpu.read_bytes(&b, 0, &mut out).unwrap();
-            results.push(out);
-            // SAFETY: nothing in flight.
-            unsafe {
-                gpu.destroy_region(a);
-                gpu.destroy_region(b);
-            }
+            results.push(copied(&mut gpu, full, from, to));
         }
     }
     assert!(
@@ -238,6 +200,13 @@ fn kernel_and_copy_engine_paths_move_the_same_bytes() {
         "every path and strategy gives the same bytes"
     );
     assert!(results[0].iter().any(|&b| b != 0));
+    let want = copied(
+        &mut HostBackend::new(),
+        full,
+        MemoryKind::Host,
+        MemoryKind::Host,
+    );
+    assert!(results[0] == want, "the GPU's copies equal hal-host's");
 }
 
 #[test]
@@ -349,6 +318,7 @@ fn copied<B: Backend>(be: &mut B, layout: KvLayout, from: MemoryKind, to: Memory
     // SAFETY: regions of `be`, live; waited below.
     let f = unsafe { be.copy_blocks(&a, &b, v.validate(&copies, n, n, false).unwrap()) }.unwrap();
     be.wait(&f).unwrap();
+    assert!(be.poll(&f).unwrap(), "fence signalled after wait");
     let mut out = vec![0u8; bytes];
     be.read_bytes(&b, 0, &mut out).unwrap();
     // SAFETY: nothing in flight.
