@@ -41,6 +41,7 @@ pub mod pool;
 mod prefix;
 pub mod pressure;
 pub mod prompt;
+mod scan;
 pub mod seq;
 pub mod shared;
 mod slab;

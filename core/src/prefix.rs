@@ -149,14 +149,19 @@ impl<'a> PrefixIndex<'a> {
         None
     }
 
+    /// Brings the two buckets of `key` into cache ahead of a lookup or an
+    /// insert (a hint; changes nothing).
+    #[inline]
+    pub(crate) fn prefetch(&self, key: BlockHash) {
+        let (b1, b2) = self.buckets_of(key);
+        crate::scan::prefetch(self.bucket(b1));
+        crate::scan::prefetch(self.bucket(b2));
+    }
+
     /// Bit `w` set where `bucket[w] & select == want`.
     #[inline]
-    fn matches(bucket: &[u32], select: u32, want: u32) -> u32 {
-        let mut m = 0u32;
-        for (w, &e) in bucket.iter().enumerate() {
-            m |= u32::from(e & select == want) << w;
-        }
-        m
+    fn matches(bucket: &[u32; WAYS], select: u32, want: u32) -> u32 {
+        crate::scan::matches(bucket, select, want)
     }
 
     #[inline]
