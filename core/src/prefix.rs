@@ -149,15 +149,6 @@ impl<'a> PrefixIndex<'a> {
         None
     }
 
-    /// Brings the two buckets of `key` into cache ahead of a lookup or an
-    /// insert (a hint; changes nothing).
-    #[inline]
-    pub(crate) fn prefetch(&self, key: BlockHash) {
-        let (b1, b2) = self.buckets_of(key);
-        crate::scan::prefetch(self.bucket(b1));
-        crate::scan::prefetch(self.bucket(b2));
-    }
-
     /// Bit `w` set where `bucket[w] & select == want`.
     #[inline]
     fn matches(bucket: &[u32; WAYS], select: u32, want: u32) -> u32 {

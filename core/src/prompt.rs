@@ -176,16 +176,6 @@ impl<'p, 'h, H: BlockHasher> KeyChain<'p, 'h, H> {
         matches!(self.source, Source::Ids(_))
     }
 
-    /// The key of block `i` when it is known without its parent's
-    /// (precomputed keys that nothing binds), for prefetching.
-    #[inline]
-    pub(crate) fn known_key(&self, i: u32) -> Option<BlockHash> {
-        match self.source {
-            Source::Raw(k) => k.get(i as usize).copied(),
-            _ => None,
-        }
-    }
-
     /// The key of block `i` (`i < matchable`) whose parent key is `parent`.
     #[inline]
     pub(crate) fn key(&self, i: u32, parent: BlockHash) -> BlockHash {

@@ -9,7 +9,7 @@
 //! these intrinsics).
 #![allow(
     unsafe_code,
-    reason = "the two calls into #[target_feature] functions; each has its SAFETY reason"
+    reason = "the call into the #[target_feature] function; see its SAFETY reason"
 )]
 
 /// Bit `w` set where `bucket[w] & select == want`.
@@ -40,28 +40,6 @@ fn sse2_matches(bucket: &[u32; 8], select: u32, want: u32) -> u32 {
     let m = _mm_movemask_ps(_mm_castsi128_ps(lo)) | (_mm_movemask_ps(_mm_castsi128_ps(hi)) << 4);
     m.cast_unsigned()
 }
-
-/// Asks the CPU to bring `bucket` into cache (a hint: no effect on what
-/// any load returns).
-#[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
-#[inline]
-pub(crate) fn prefetch(bucket: &[u32; 8]) {
-    #[target_feature(enable = "sse")]
-    fn sse_prefetch(bucket: &[u32; 8]) {
-        use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(bucket.as_ptr().cast());
-    }
-    // SAFETY: `sse_prefetch` only needs SSE, which this build enables (the
-    // `cfg` above). A prefetch never faults and changes no memory.
-    unsafe {
-        sse_prefetch(bucket);
-    }
-}
-
-/// Asks the CPU to bring `bucket` into cache (nothing on this target).
-#[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
-#[inline]
-pub(crate) fn prefetch(_bucket: &[u32; 8]) {}
 
 /// Bit `w` set where `bucket[w] & select == want`.
 #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]

@@ -13,10 +13,6 @@ use crate::ids::{BlockHash, CacheSalt, PoolId, SeqId};
 use crate::pool::PoolKind;
 use crate::prompt::{KeyChain, Prompt};
 
-/// How many blocks ahead registration prefetches index buckets (enough to
-/// cover a cache miss at a few nanoseconds per block).
-const PREFETCH_AHEAD: u32 = 8;
-
 /// Result of [`KvCache::allocate`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -146,9 +142,6 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let mut keyed = hits;
         let mut next_key = first_miss;
         while keyed < chain.matchable().min(placed_full) {
-            if let Some(ahead) = chain.known_key(keyed + PREFETCH_AHEAD) {
-                p.prefetch(ahead);
-            }
             let key = next_key.take().unwrap_or_else(|| chain.key(keyed, tip));
             let parent = (keyed > 0).then_some(tip);
             if let Some(&b) = hit_row

@@ -163,6 +163,54 @@ mod tests {
     }
 
     #[test]
+    fn free_stack_is_exactly_lifo() {
+        // Unkeyed blocks go back on the free stack: what comes out must be
+        // exactly what a plain stack would give, also after shrink and grow.
+        let mut p = pool(50);
+        let mut model: std::vec::Vec<BlockId> = (0..50).rev().map(BlockId).collect();
+        let mut held = std::vec::Vec::new();
+        let mut x: u64 = 7;
+        let steps = if cfg!(miri) { 500 } else { 5_000 };
+        for step in 0..steps {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if !x.is_multiple_of(2) && !model.is_empty() {
+                let n = (x % 9) as usize % (model.len() + 1);
+                let mut out = std::vec![BlockId(0); n];
+                p.allocate(&mut out).unwrap();
+                let want: std::vec::Vec<BlockId> = (0..n).map(|_| model.pop().unwrap()).collect();
+                assert_eq!(out, want, "step {step}");
+                held.extend(out);
+            } else if !held.is_empty() {
+                let k = (x % 7) as usize % held.len() + 1;
+                let back: std::vec::Vec<BlockId> = held.drain(held.len() - k..).collect();
+                p.free(&back).unwrap();
+                model.extend(back);
+            }
+            if step % 97 == 0 {
+                p.check_invariants().unwrap();
+            }
+        }
+        // Shrink rebuilds the stack lowest id on top; grow pushes the new
+        // blocks (lowest on top).
+        p.free(&held).unwrap();
+        p.shrink(20).unwrap();
+        p.check_invariants().unwrap();
+        let mut out = [BlockId(0); 20];
+        p.allocate(&mut out).unwrap();
+        assert!(out.iter().map(|b| b.0).eq(0..20));
+        p.grow(30).unwrap();
+        let mut more = [BlockId(0); 30];
+        p.allocate(&mut more).unwrap();
+        assert!(more.iter().map(|b| b.0).eq(20..50));
+        assert_eq!(p.available(), 0);
+        p.free(&out).unwrap();
+        p.free(&more).unwrap();
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
     fn index_survives_heavy_churn() {
         let mut p = pool(64);
         let mut held = heapless::Vec::<BlockId, 64>::new();

@@ -141,13 +141,6 @@ impl BlockPool<'_> {
             .map(BlockId)
     }
 
-    /// Brings the index buckets of `key` into cache ahead of a lookup or a
-    /// registration (a hint; changes nothing).
-    #[inline]
-    pub(crate) fn prefetch(&self, key: BlockHash) {
-        self.index.prefetch(key);
-    }
-
     /// A prefix hit: the block under `key` gains a holder (leaving the
     /// eviction order if it was cached). O(1) expected.
     #[inline]
