@@ -82,6 +82,8 @@ enum Format {
     Mooncake,
     /// CSV: TIMESTAMP,ContextTokens,GeneratedTokens.
     Azure,
+    /// JSON: one agentic coding session (see `--trace-dir` for many).
+    Agentic,
 }
 
 #[derive(Parser, Debug)]
@@ -94,6 +96,14 @@ struct Simulate {
     /// The trace's format, if its extension does not tell.
     #[arg(long, value_enum)]
     format: Option<Format>,
+    /// A directory of agentic coding sessions (`shared/traces/agentic`: one
+    /// JSON file per session, ids local to each file), replayed together.
+    #[arg(long, conflicts_with_all = ["trace", "format"])]
+    trace_dir: Option<PathBuf>,
+    /// New sessions per minute of `--trace-dir` (a seeded Poisson process:
+    /// `--seed`); each session's requests keep their own timing.
+    #[arg(long, default_value_t = 1.0)]
+    sessions_per_minute: f64,
     /// One request at a time, in arrival order (the published hit-ratio
     /// studies' mode). Without it: timed replay with decode and pressure.
     #[arg(long)]
@@ -114,8 +124,9 @@ struct Simulate {
     /// in sequential mode).
     #[arg(long)]
     host_blocks: Option<u32>,
-    /// Tokens per block (default: 512 for Mooncake, whose ids are 512-token
-    /// blocks, else 16). Mooncake ids are split into 512 / N sub-blocks.
+    /// Tokens per block (default: 512 for Mooncake and 64 for agentic
+    /// sessions, their ids' block sizes, else 16). Trace ids are split into
+    /// sub-blocks of N tokens.
     #[arg(long)]
     tokens_per_block: Option<u32>,
     /// Block eviction policies of the prefix cache, compared in one run:
@@ -214,6 +225,15 @@ fn load(args: &Simulate, budget: &Budget) -> Result<workload::Workload> {
     let limits = Limits {
         max_keys: budget.max_keys(),
     };
+    if let Some(dir) = &args.trace_dir {
+        return pagedkv_cli::agentic::read(
+            dir,
+            args.tokens_per_block.unwrap_or(AGENTIC_BLOCK),
+            args.sessions_per_minute,
+            args.seed,
+            &limits,
+        );
+    }
     let Some(path) = &args.trace else {
         let bs = args.tokens_per_block.unwrap_or(16);
         if args.conversations == 0 {
@@ -240,6 +260,13 @@ fn load(args: &Simulate, budget: &Budget) -> Result<workload::Workload> {
     };
     match format {
         Format::Mooncake => workload::mooncake(path, args.tokens_per_block.unwrap_or(512), &limits),
+        Format::Agentic => pagedkv_cli::agentic::read(
+            path,
+            args.tokens_per_block.unwrap_or(AGENTIC_BLOCK),
+            args.sessions_per_minute,
+            args.seed,
+            &limits,
+        ),
         Format::Azure => workload::azure(
             path,
             args.tokens_per_block.unwrap_or(16),
@@ -278,6 +305,9 @@ fn capacity(args: &Simulate, w: &workload::Workload, layout: &KvLayout) -> Resul
     }
     u32::try_from(blocks).context("device capacity above 2^32 blocks")
 }
+
+/// Tokens per block of the agentic sessions' ids (their `block_size`).
+const AGENTIC_BLOCK: u32 = 64;
 
 /// Largest `--capacity-fraction`: beyond, the device holds every block of
 /// the workload many times over.

@@ -48,7 +48,12 @@ impl Request {
     }
 
     /// A request of a trace: lengths and block keys, no token ids.
-    fn from_trace(arrival_s: f64, prompt_tokens: u32, output_tokens: u32, keys: Vec<u128>) -> Self {
+    pub(crate) fn from_trace(
+        arrival_s: f64,
+        prompt_tokens: u32,
+        output_tokens: u32,
+        keys: Vec<u128>,
+    ) -> Self {
         Self {
             arrival_s,
             prompt_tokens,
@@ -97,7 +102,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    fn take(&self, total: &mut u64, n: u64, tokens_per_block: u32) -> Result<()> {
+    pub(crate) fn take(&self, total: &mut u64, n: u64, tokens_per_block: u32) -> Result<()> {
         *total = total.saturating_add(n);
         if *total > self.max_keys {
             bail!(
@@ -111,7 +116,7 @@ impl Limits {
     }
 }
 
-fn mix64(x: u64) -> u64 {
+pub(crate) fn mix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -119,14 +124,14 @@ fn mix64(x: u64) -> u64 {
 }
 
 /// A uniform 128-bit key for sub-block `j` of a trace block `id`.
-fn sub_key(id: u64, j: u64) -> u128 {
+pub(crate) fn sub_key(id: u64, j: u64) -> u128 {
     let a = mix64(id.wrapping_mul(1 << 12) ^ j);
     let b = mix64(a ^ 0x5555_5555);
     (u128::from(b) << 64) | u128::from(a)
 }
 
 /// Reads a trace file, refusing one larger than the key budget could hold.
-fn read(path: &Path, limits: &Limits) -> Result<String> {
+pub(crate) fn read(path: &Path, limits: &Limits) -> Result<String> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .len();
@@ -140,7 +145,7 @@ fn read(path: &Path, limits: &Limits) -> Result<String> {
 }
 
 /// Trace timestamps past this (about 31 years) are refused.
-const MAX_SECONDS: f64 = 1e9;
+pub(crate) const MAX_SECONDS: f64 = 1e9;
 
 /// Reads a Mooncake JSONL trace: see [`parse_mooncake`].
 pub fn mooncake(path: &Path, tokens_per_block: u32, limits: &Limits) -> Result<Workload> {
@@ -212,7 +217,7 @@ pub fn parse_mooncake(
 }
 
 /// The requests of a trace, sorted by arrival; an empty trace is an error.
-fn trace_workload(
+pub(crate) fn trace_workload(
     name: &str,
     mut requests: Vec<Request>,
     tokens_per_block: u32,
@@ -228,7 +233,7 @@ fn trace_workload(
     })
 }
 
-fn file_name(path: &Path) -> String {
+pub(crate) fn file_name(path: &Path) -> String {
     path.file_name().map_or_else(
         || path.display().to_string(),
         |f| f.to_string_lossy().into_owned(),

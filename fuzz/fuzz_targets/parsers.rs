@@ -1,10 +1,11 @@
-//! The trace parsers (Mooncake JSONL, Azure CSV) on arbitrary text: an
+//! The trace parsers (Mooncake JSONL, Azure CSV, agentic sessions) on arbitrary text: an
 //! error or a workload, never a panic; a workload respects its key budget,
 //! its arrivals are finite and sorted, and its requests' keys cover at most
 //! what a sequence can hold.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use pagedkv_cli::agentic;
 use pagedkv_cli::workload::{Limits, Workload, parse_azure, parse_mooncake};
 
 const LIMITS: Limits = Limits { max_keys: 1 << 16 };
@@ -26,10 +27,17 @@ fn check(w: &Workload) {
 fuzz_target!(|input: (u8, u8, &str)| {
     let (which, bs, text) = input;
     let bs = u32::from(bs) + 1;
-    let w = if which % 2 == 0 {
-        parse_mooncake(text, "fuzz.jsonl", bs, &LIMITS)
-    } else {
-        parse_azure(text, "fuzz.csv", bs, u32::from(which), &LIMITS)
+    let w = match which % 3 {
+        0 => parse_mooncake(text, "fuzz.jsonl", bs, &LIMITS),
+        1 => parse_azure(text, "fuzz.csv", bs, u32::from(which), &LIMITS),
+        _ => agentic::parse(
+            "fuzz",
+            &[("fuzz.json".to_string(), text.to_string())],
+            bs,
+            f64::from(which),
+            u64::from(which),
+            &LIMITS,
+        ),
     };
     if let Ok(w) = w {
         check(&w);
