@@ -184,7 +184,7 @@ impl CacheStorage<'_> {
 #[derive(Debug)]
 pub struct KvCache<'a, H: BlockHasher> {
     pub(crate) config: CacheConfig,
-    pub(crate) bs: NonZeroU32,
+    pub(crate) bs: crate::blocksize::BlockSize,
     /// Entries per table row (`max_blocks_per_seq`).
     pub(crate) width: usize,
     pub(crate) hasher: H,
@@ -237,7 +237,7 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         }
         Ok(Self {
             config,
-            bs,
+            bs: crate::blocksize::BlockSize::new(bs),
             width: config.max_blocks_per_seq as usize,
             hasher,
             pools: heapless::Vec::new(),
@@ -385,8 +385,7 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
     /// Blocks holding `tokens` tokens.
     #[inline]
     pub(crate) fn blocks_for(&self, tokens: u64) -> u64 {
-        let bs = core::num::NonZeroU64::from(self.bs);
-        tokens / bs + u64::from(tokens % bs != 0)
+        self.bs.blocks_for(tokens)
     }
 
     pub(crate) fn check_table_fits(&self, blocks: u64, pi: usize) -> Result<()> {

@@ -5,8 +5,6 @@
     reason = "block and token counts are checked against u32 limits before narrowing"
 )]
 
-use core::num::NonZeroU32;
-
 use crate::cache::{HOLE, KvCache, SeqSlot, row_of, row_of_mut};
 use crate::error::{Error, Result};
 use crate::hash::BlockHasher;
@@ -74,7 +72,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         slot: &mut SeqSlot,
         p: &mut BlockPool<'_>,
         row: &mut [BlockId],
-        bs: NonZeroU32,
+        bs: crate::blocksize::BlockSize,
         written: u32,
     ) -> Result<u32> {
         if slot.window == 0 || slot.tokens <= slot.window {

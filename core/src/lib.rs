@@ -27,6 +27,7 @@ extern crate std;
 mod fmt;
 
 pub mod batch;
+mod blocksize;
 pub mod cache;
 pub mod error;
 pub mod events;
