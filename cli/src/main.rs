@@ -156,6 +156,11 @@ struct Simulate {
     /// Offload cached blocks evicted from the device to the host tier.
     #[arg(long)]
     offload: bool,
+    /// Which evicted blocks `--offload` copies to the host tier: `every`
+    /// one, or only those at least two prompts asked for recently
+    /// (`second-touch`: one-off prompts do not flood the host tier).
+    #[arg(long, default_value = "every", value_parser = ["every", "second-touch"])]
+    host_admission: String,
     /// Move real KV bytes (pools must fit in memory); default: metadata only.
     #[arg(long)]
     with_bytes: bool,
@@ -438,6 +443,11 @@ fn simulate(args: Simulate) -> Result<()> {
         timed,
         tenants: args.tenants,
         offload: args.offload,
+        host_admission: if args.host_admission == "second-touch" {
+            pagedkv_manager::HostAdmission::SecondTouch
+        } else {
+            pagedkv_manager::HostAdmission::Every
+        },
         cost,
     };
     let seq_blocks = sim::max_sequence_tokens(&w, &cfg).div_ceil(u64::from(bs));
@@ -559,6 +569,7 @@ fn print_table(r: &Report) {
         ("evictions", vec![]),
         ("preempted", vec![]),
         ("swaps out / in", vec![]),
+        ("offloaded / not admitted", vec![]),
         ("recomputed", vec![]),
         ("rejected", vec![]),
         ("utilization peak / mean", vec![]),
@@ -584,6 +595,7 @@ fn print_table(r: &Report) {
             run.evictions.to_string(),
             run.preemptions.to_string(),
             format!("{} / {}", run.swap_outs, run.swap_ins),
+            format!("{} / {}", run.offloaded_blocks, run.not_admitted_blocks),
             run.recomputes.to_string(),
             format!("{} ({} blocks)", run.rejected, run.rejected_blocks),
             format!("{:.2} / {:.2}", run.peak_utilization, run.mean_utilization),

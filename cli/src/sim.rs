@@ -36,8 +36,8 @@ use anyhow::{Result, bail};
 use pagedkv_core::KvLayout;
 use pagedkv_manager::{
     AdvancedKvCacheManager, Allocation, AllocationRequest, CacheEvictionPolicy,
-    CostAwareEvictionPolicy, Device, ExtendItem, InvalidRequest, KvCacheManager, KvManager,
-    LfuEvictionPolicy, LruEvictionPolicy, ManagedBackend, ManagerConfig, ManagerError,
+    CostAwareEvictionPolicy, Device, ExtendItem, HostAdmission, InvalidRequest, KvCacheManager,
+    KvManager, LfuEvictionPolicy, LruEvictionPolicy, ManagedBackend, ManagerConfig, ManagerError,
     MultiDeviceCacheManager, PreemptionPolicy, PrefixCacheConfig, Priority, PriorityEvictionPolicy,
     RequestId,
 };
@@ -129,6 +129,8 @@ pub struct SimConfig {
     pub tenants: u32,
     /// Offload cached blocks evicted from the device to the host tier.
     pub offload: bool,
+    /// Which of those the host tier takes.
+    pub host_admission: HostAdmission,
     /// Engine cost model (timed mode).
     pub cost: CostModel,
 }
@@ -183,6 +185,11 @@ pub struct RunResult {
     pub swap_outs: u64,
     /// Sequences swapped back.
     pub swap_ins: u64,
+    /// Cached blocks copied to the host tier as the device evicted them.
+    pub offloaded_blocks: u64,
+    /// Cached blocks the device evicted without a copy: the host tier's
+    /// admission (`--host-admission`) refused them.
+    pub not_admitted_blocks: u64,
     /// Requests the manager preempted (swapped to the host tier) to make
     /// room, as its answers reported them.
     pub preemptions: u64,
@@ -404,6 +411,7 @@ pub fn manager_config(w: &Workload, cfg: &SimConfig) -> ManagerConfig {
     c.host_blocks = cfg.host_blocks as usize;
     c.prefix_cache_config = Some(PrefixCacheConfig::default());
     c.offload_evicted_prefixes = cfg.offload && cfg.host_blocks > 0;
+    c.host_admission = cfg.host_admission;
     c.max_sequence_length = max_sequence_tokens(w, cfg) as usize;
     c.max_sequences = max_sequences(cfg);
     c.hash_key = Some(*b"pagedkv-simulate");
@@ -524,6 +532,8 @@ fn finish<B: ManagedBackend>(
     res.evictions = s.eviction_count;
     res.swap_outs = s.swap_outs;
     res.swap_ins = s.swap_ins;
+    res.offloaded_blocks = s.offloaded_blocks;
+    res.not_admitted_blocks = s.not_admitted_blocks;
     res.leaked_sequences = m.list_handles().len() as u64 + s.active_caches as u64;
     res.blocks_in_use_at_end = u64::from(m.used_blocks().first().copied().unwrap_or(0));
     res.blocks_total = s.total_blocks as u64;

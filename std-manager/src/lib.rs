@@ -27,7 +27,7 @@ pub use traits::{
 };
 pub use types::{
     AllocationRequest, CacheGcStats, CacheHandleStats, CacheManagerStats, CompressionStats, Device,
-    ManagerConfig, PrefixCacheConfig, Priority, RequestId,
+    HostAdmission, ManagerConfig, PrefixCacheConfig, Priority, RequestId,
 };
 
 /// The manager over host memory (and simulated devices).

@@ -177,6 +177,10 @@ pub struct ManagerConfig {
     pub prefix_cache_config: Option<PrefixCacheConfig>,
     /// Offload cached blocks evicted from a device to the host tier.
     pub offload_evicted_prefixes: bool,
+    /// Which of those blocks the host tier takes (with
+    /// `offload_evicted_prefixes`).
+    #[serde(default)]
+    pub host_admission: HostAdmission,
     /// Pressure levels, with `pressure_hysteresis` below a level to leave it.
     pub pressure_thresholds: PressureThresholds,
     /// See `pressure_thresholds`.
@@ -205,6 +209,18 @@ pub struct ManagerConfig {
     pub request_ttl_seconds: Option<u64>,
 }
 
+/// Which cached blocks evicted from a device are copied to the host tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostAdmission {
+    /// Every one (as long as the host tier has room).
+    #[default]
+    Every,
+    /// Only blocks whose key at least two prompts asked for recently: one-off
+    /// prompts do not flood the host tier.
+    SecondTouch,
+}
+
 fn default_format() -> pagedkv_core::QuantFormat {
     pagedkv_core::QuantFormat::Int8PerHead
 }
@@ -221,6 +237,7 @@ impl ManagerConfig {
             host_blocks: 0,
             prefix_cache_config: None,
             offload_evicted_prefixes: false,
+            host_admission: HostAdmission::Every,
             pressure_thresholds: PressureThresholds::default(),
             pressure_hysteresis: 0.05,
             max_sequences: 256,
@@ -280,6 +297,13 @@ pub struct CacheManagerStats {
     pub swap_outs: u64,
     /// Sequences swapped back in so far.
     pub swap_ins: u64,
+    /// Cached blocks copied to the host tier on their way out of a device.
+    #[serde(default)]
+    pub offloaded_blocks: u64,
+    /// Cached blocks evicted from a device without a copy to the host tier
+    /// because its admission (`host_admission`) refused them.
+    #[serde(default)]
+    pub not_admitted_blocks: u64,
     /// Blocks held in compressed pools (compressed requests).
     #[serde(default)]
     pub compressed_blocks: usize,

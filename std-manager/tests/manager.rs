@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use common::scenarios::{self, block_bytes, fill, prompt, sums};
 use common::{config, request};
 use pagedkv_manager::{
-    AdvancedKvCacheManager, BlockAllocator, Device, HostBackend, HostManager, InvalidRequest,
-    KvCacheManager, ManagerError, MemoryPressure, MultiDeviceCacheManager, PrefixCacheConfig,
-    RequestId,
+    AdvancedKvCacheManager, BlockAllocator, Device, HostAdmission, HostBackend, HostManager,
+    InvalidRequest, KvCacheManager, ManagerError, MemoryPressure, MultiDeviceCacheManager,
+    PrefixCacheConfig, RequestId,
 };
 
 #[tokio::test]
@@ -62,6 +62,48 @@ async fn prefix_hits_reuse_kv_and_the_host_tier_serves_evicted_prefixes() {
     assert!(s.host_hit_blocks >= 4, "{s:?}");
     assert_eq!(sums(&m, RequestId(4), 8), want, "KV brought back intact");
     m.check_invariants().unwrap();
+}
+
+/// Issue 14: with second-touch admission, a one-off prompt's blocks are
+/// evicted without a copy, and a prompt asked for twice goes to the host
+/// tier and comes back intact; admitting every block copies both.
+#[tokio::test]
+async fn second_touch_admission_keeps_one_off_prompts_off_the_host_tier() {
+    for admission in [HostAdmission::Every, HostAdmission::SecondTouch] {
+        let mut cfg = config(24);
+        cfg.host_blocks = 32;
+        cfg.offload_evicted_prefixes = true;
+        cfg.host_admission = admission;
+        cfg.prefix_cache_config = Some(PrefixCacheConfig::default());
+        let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+        let (once, twice) = (prompt(64, 5), prompt(64, 9));
+        m.allocate(&request(1, once.clone())).await.unwrap();
+        m.deallocate(RequestId(1)).await.unwrap();
+        m.allocate(&request(2, twice.clone())).await.unwrap();
+        let want = fill(&m, RequestId(2), 8);
+        m.deallocate(RequestId(2)).await.unwrap();
+        m.allocate(&request(3, twice.clone())).await.unwrap();
+        m.deallocate(RequestId(3)).await.unwrap();
+        // A 24-block prompt evicts both cached prompts from the device.
+        m.allocate(&request(4, prompt(192, 77))).await.unwrap();
+        m.deallocate(RequestId(4)).await.unwrap();
+        let s = m.stats();
+        let second = admission == HostAdmission::SecondTouch;
+        assert_eq!(s.offloaded_blocks, if second { 8 } else { 16 }, "{s:?}");
+        assert_eq!(s.not_admitted_blocks, if second { 8 } else { 0 }, "{s:?}");
+        assert_eq!(u64::from(m.indexed_keys()[1]), s.offloaded_blocks);
+        // The one-off prompt again: from the host tier only if admitted.
+        m.allocate(&request(5, once.clone())).await.unwrap();
+        assert_eq!(m.stats().host_hit_blocks, if second { 0 } else { 8 });
+        m.deallocate(RequestId(5)).await.unwrap();
+        // The reused one comes back by copy, its KV intact.
+        let before = m.stats().host_hit_blocks;
+        m.allocate(&request(6, twice.clone())).await.unwrap();
+        assert_eq!(m.stats().host_hit_blocks - before, 8);
+        assert_eq!(sums(&m, RequestId(6), 8), want);
+        m.deallocate(RequestId(6)).await.unwrap();
+        m.check_invariants().unwrap();
+    }
 }
 
 #[tokio::test]

@@ -217,6 +217,14 @@ impl<B: ManagedBackend> KvManager<B> {
             pressure_changes: 0,
             pressure,
             stats: Counters::default(),
+            touches: super::admission::TouchSketch::new(
+                config.host_admission,
+                if config.offload_evicted_prefixes && config.host_blocks > 0 {
+                    sizes.max_blocks as usize * sizes.devices + config.host_blocks
+                } else {
+                    0
+                },
+            ),
         };
         Ok(Self {
             shared: Arc::new(Shared {

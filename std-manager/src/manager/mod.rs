@@ -13,6 +13,7 @@
 //! | `preempt.rs` | making room (growth, or preemption as the policy says), moving requests between places, compressed pools on demand |
 //! | `scheduler.rs` | what an engine calls each step: allocate and extend with per-request answers, batches, kernel tables, explicit preemption, events |
 //! | `prefix_tier.rs` | offloading cached blocks to the host tier and promoting them back |
+//! | `admission.rs` | which evicted blocks the host tier takes (a sketch of recent prompt touches) |
 //! | `handle.rs` | request handles and their kernel views |
 //! | `seed_*.rs` | the seed's traits, one file each, calling the above |
 //!
@@ -37,6 +38,7 @@
     reason = "block sizes were checked as u64 at construction; pool indices are below 8"
 )]
 
+mod admission;
 mod build;
 mod extend;
 mod handle;
@@ -154,6 +156,8 @@ struct Inner {
     pressure_changes: u64,
     pressure: PressureMonitor,
     stats: Counters,
+    /// Recent prompt touches, for admission to the host tier.
+    touches: admission::TouchSketch,
 }
 
 impl Inner {
@@ -179,6 +183,11 @@ struct Counters {
     queries: u64,
     swap_outs: u64,
     swap_ins: u64,
+    /// Cached blocks copied to the host tier on their way out of a device.
+    offloaded: u64,
+    /// Cached blocks evicted from a device without a copy: host admission
+    /// refused them.
+    not_admitted: u64,
     compressions: u64,
     compression_ratio_sum: f64,
     compression_ms_sum: f64,
@@ -336,6 +345,8 @@ impl<B: ManagedBackend> KvManager<B> {
             query_blocks: inner.stats.queries,
             swap_outs: inner.stats.swap_outs,
             swap_ins: inner.stats.swap_ins,
+            offloaded_blocks: inner.stats.offloaded,
+            not_admitted_blocks: inner.stats.not_admitted,
             ..CacheManagerStats::default()
         };
         for &d in devices {

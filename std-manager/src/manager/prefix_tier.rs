@@ -37,9 +37,33 @@ impl<B: ManagedBackend> KvManager<B> {
             if short == 0 {
                 return Ok(());
             }
+            // The blocks the allocation will evict: the first `short` of the
+            // eviction order, the prompt's own hits aside. Of those, the ones
+            // the host tier admits are copied.
             let keep: HashSet<BlockHash> = keys.iter().take(hits).copied().collect();
-            let n = u32::try_from(short).unwrap_or(u32::MAX);
-            inner.cache.offload(pool, host, n, |k| keep.contains(&k))?
+            let victims: Vec<BlockHash> = p
+                .eviction_order()
+                .filter_map(|b| p.key_of(b).ok().flatten())
+                .filter(|k| !keep.contains(k))
+                .take(short)
+                .collect();
+            let admitted: HashSet<BlockHash> = victims
+                .iter()
+                .copied()
+                .filter(|&k| inner.touches.admits(k))
+                .collect();
+            inner.stats.not_admitted += (victims.len() - admitted.len()) as u64;
+            if admitted.is_empty() {
+                return Ok(());
+            }
+            let n = u32::try_from(admitted.len()).unwrap_or(u32::MAX);
+            let plan = inner
+                .cache
+                .offload(pool, host, n, |k| !admitted.contains(&k))?;
+            if let Some(p) = plan {
+                inner.stats.offloaded += inner.cache.plan(p)?.len() as u64;
+            }
+            plan
         };
         match plan {
             Some(p) => self.run_plan(p, CopyOp::Copy, "offloading prefixes").await,

@@ -192,6 +192,12 @@ impl<B: ManagedBackend> KvManager<B> {
         self.check_request(req)?;
         let raw_keys: Vec<BlockHash> = req.block_keys.iter().map(|&k| BlockHash(k)).collect();
         let pp = self.plan_prompt(req, &raw_keys)?;
+        if self.shared.config.offload_evicted_prefixes {
+            let mut inner = lock(&self.shared.inner);
+            for &k in &pp.keys {
+                inner.touches.touch(k);
+            }
+        }
         let device = pp.device;
         let mut host_hits = 0;
         if !pp.keys.is_empty() {
