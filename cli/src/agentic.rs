@@ -193,8 +193,16 @@ impl Session<'_> {
                 let unique = id ^ self.salt;
                 keys.extend((0..self.split).map(|j| workload::sub_key(unique, j)));
             }
+            let arrival = origin + t;
+            if !arrival.is_finite() || arrival > workload::MAX_SECONDS {
+                bail!(
+                    "{at}: arrives {arrival} s after the replay starts, more than {} s \
+                     (fewer sessions, or a higher --sessions-per-minute)",
+                    workload::MAX_SECONDS
+                );
+            }
             self.out
-                .push(Request::from_trace(origin + t, input, output, keys));
+                .push(Request::from_trace(arrival, input, output, keys));
         }
         Ok(())
     }
@@ -268,6 +276,17 @@ mod tests {
         assert!(bad(no_t, 16).contains("requests[0].requests[0]: field `t`"));
         let s = [("s.json".to_string(), session("1", "1"))];
         assert!(parse("t", &s, 16, 0.0, 1, &LIMITS).is_err());
+        // A start past the limit (a tiny rate), or a sub-agent pushing a
+        // request past it: refused, never an infinite arrival.
+        let two = [s[0].clone(), s[0].clone()];
+        let e = format!(
+            "{:#}",
+            parse("t", &two, 16, 1e-300, 1, &LIMITS).unwrap_err()
+        );
+        assert!(e.contains("arrives"), "{e}");
+        let late = r#"{"block_size": 64, "requests": [{"type": "subagent", "t": 9e8,
+            "requests": [{"t": 9e8, "in": 1, "out": 1, "hash_ids": []}]}]}"#;
+        assert!(bad(late, 16).contains("arrives"));
         assert!(parse("t", &s, 16, f64::NAN, 1, &LIMITS).is_err());
     }
 }
