@@ -57,9 +57,14 @@ pub fn read(
         sessions.push((workload::file_name(p), text));
     }
     let name = format!(
-        "{} ({} sessions, {sessions_per_minute}/min)",
+        "{} ({} sessions, {}/min)",
         workload::file_name(dir),
-        sessions.len()
+        sessions.len(),
+        if (1e-3..1e6).contains(&sessions_per_minute) {
+            format!("{sessions_per_minute}")
+        } else {
+            format!("{sessions_per_minute:.3e}")
+        }
     );
     parse(
         &name,
@@ -196,7 +201,7 @@ impl Session<'_> {
             let arrival = origin + t;
             if !arrival.is_finite() || arrival > workload::MAX_SECONDS {
                 bail!(
-                    "{at}: arrives {arrival} s after the replay starts, more than {} s \
+                    "{at}: arrives {arrival:.3e} s after the replay starts, more than {:.0e} s \
                      (fewer sessions, or a higher --sessions-per-minute)",
                     workload::MAX_SECONDS
                 );
