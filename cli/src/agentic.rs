@@ -20,6 +20,10 @@ use crate::workload::{self, Limits, Request, Rng, Workload};
 
 /// Ids at or above this are refused (the traces' ids are small counters).
 const MAX_ID: u64 = 1 << 40;
+/// Largest `block_size`: an id splits into at most 4,096 sub-blocks (the
+/// sub-block index must stay below the id's bits in `workload::sub_key`),
+/// and counts of ids times tokens stay far from overflowing.
+const MAX_BLOCK_SIZE: u64 = 4096;
 
 /// Reads one session file, or every `*.json` session in a directory (in
 /// name order): see [`parse`].
@@ -107,6 +111,9 @@ pub fn parse(
             .get("block_size")
             .and_then(Value::as_u64)
             .with_context(|| format!("{file}: field `block_size` missing or not an integer"))?;
+        if block_size > MAX_BLOCK_SIZE {
+            bail!("{file}: block_size {block_size}: at most {MAX_BLOCK_SIZE} tokens");
+        }
         if block_size == 0 || block_size % u64::from(tokens_per_block) != 0 {
             bail!(
                 "{file}: --tokens-per-block {tokens_per_block} must divide the session's block_size {block_size}"
@@ -274,6 +281,8 @@ mod tests {
         };
         assert!(bad("{", 16).contains("s.json: not JSON"));
         assert!(bad(&session("1", "1"), 48).contains("must divide"));
+        let huge = r#"{"block_size": 9223372036854775808, "requests": []}"#;
+        assert!(bad(huge, 1).contains("at most 4096"));
         assert!(bad(&session("1, 2, 3", "1"), 16).contains("requests[0]: 3 ids"));
         assert!(bad(&session("-1", "1"), 16).contains("requests[0]: an id"));
         let no_t = r#"{"block_size": 64, "requests": [{"type": "subagent", "t": 1,
