@@ -28,24 +28,24 @@ const MAX_BLOCK_SIZE: u64 = 4096;
 /// Reads one session file, or every `*.json` session in a directory (in
 /// name order): see [`parse`].
 pub fn read(
-    dir: &Path,
+    path: &Path,
     tokens_per_block: u32,
     sessions_per_minute: f64,
     seed: u64,
     limits: &Limits,
 ) -> Result<Workload> {
-    let mut paths: Vec<_> = if dir.is_dir() {
-        std::fs::read_dir(dir)
-            .with_context(|| format!("reading {}", dir.display()))?
+    let mut paths: Vec<_> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect()
     } else {
-        vec![dir.to_path_buf()]
+        vec![path.to_path_buf()]
     };
     paths.sort();
     if paths.is_empty() {
-        bail!("{}: no session files (*.json)", dir.display());
+        bail!("{}: no session files (*.json)", path.display());
     }
     let mut sessions = Vec::with_capacity(paths.len());
     let mut bytes = 0u64;
@@ -55,14 +55,14 @@ pub fn read(
         if bytes > limits.max_keys.saturating_mul(16) {
             bail!(
                 "{}: the sessions take more than the memory limit allows (--max-memory)",
-                dir.display()
+                path.display()
             );
         }
         sessions.push((workload::file_name(p), text));
     }
     let name = format!(
         "{} ({} sessions, {}/min)",
-        workload::file_name(dir),
+        workload::file_name(path),
         sessions.len(),
         if (1e-3..1e6).contains(&sessions_per_minute) {
             format!("{sessions_per_minute}")

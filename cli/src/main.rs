@@ -230,14 +230,17 @@ fn load(args: &Simulate, budget: &Budget) -> Result<workload::Workload> {
     let limits = Limits {
         max_keys: budget.max_keys(),
     };
-    if let Some(dir) = &args.trace_dir {
-        return pagedkv_cli::agentic::read(
-            dir,
+    let agentic = |path: &std::path::Path| {
+        pagedkv_cli::agentic::read(
+            path,
             args.tokens_per_block.unwrap_or(AGENTIC_BLOCK),
             args.sessions_per_minute,
             args.seed,
             &limits,
-        );
+        )
+    };
+    if let Some(dir) = &args.trace_dir {
+        return agentic(dir);
     }
     let Some(path) = &args.trace else {
         let bs = args.tokens_per_block.unwrap_or(16);
@@ -265,13 +268,7 @@ fn load(args: &Simulate, budget: &Budget) -> Result<workload::Workload> {
     };
     match format {
         Format::Mooncake => workload::mooncake(path, args.tokens_per_block.unwrap_or(512), &limits),
-        Format::Agentic => pagedkv_cli::agentic::read(
-            path,
-            args.tokens_per_block.unwrap_or(AGENTIC_BLOCK),
-            args.sessions_per_minute,
-            args.seed,
-            &limits,
-        ),
+        Format::Agentic => agentic(path),
         Format::Azure => workload::azure(
             path,
             args.tokens_per_block.unwrap_or(16),

@@ -300,8 +300,10 @@ pub struct CacheManagerStats {
     /// Cached blocks copied to the host tier on their way out of a device.
     #[serde(default)]
     pub offloaded_blocks: u64,
-    /// Cached blocks evicted from a device without a copy to the host tier
-    /// because its admission (`host_admission`) refused them.
+    /// Refusals of host admission (`host_admission`): cached blocks an
+    /// allocation was about to evict from a device, not copied to the host
+    /// tier. An allocation retried after making room decides, and counts,
+    /// again.
     #[serde(default)]
     pub not_admitted_blocks: u64,
     /// Blocks held in compressed pools (compressed requests).

@@ -9,7 +9,8 @@
 //! prompt key touches it once; after as many touches as it has counters,
 //! every count is halved, so old popularity fades. It costs half a byte per
 //! counter, four counters per block of the device and host pools, allocated
-//! once; a touch and a test are O(1).
+//! once; a test is O(1), a touch O(1) amortized (one touch in as many as
+//! there are counters pays the halving pass).
 
 use pagedkv_core::BlockHash;
 
@@ -37,9 +38,10 @@ impl TouchSketch {
     pub(super) fn new(policy: HostAdmission, blocks: usize) -> Self {
         let counters = match policy {
             HostAdmission::Every => 0,
-            HostAdmission::SecondTouch => (blocks.max(16) * COUNTERS_PER_BLOCK)
-                .checked_next_power_of_two()
-                .unwrap_or(1 << 40),
+            // Pools hold at most 2^30 blocks each: no overflow here.
+            HostAdmission::SecondTouch => {
+                (blocks.clamp(16, 1 << 34) * COUNTERS_PER_BLOCK).next_power_of_two()
+            }
         };
         let bytes = counters.div_ceil(2);
         Self {

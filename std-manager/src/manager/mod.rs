@@ -185,8 +185,7 @@ struct Counters {
     swap_ins: u64,
     /// Cached blocks copied to the host tier on their way out of a device.
     offloaded: u64,
-    /// Cached blocks evicted from a device without a copy: host admission
-    /// refused them.
+    /// Host admission's refusals (see `CacheManagerStats::not_admitted_blocks`).
     not_admitted: u64,
     compressions: u64,
     compression_ratio_sum: f64,

@@ -57,18 +57,20 @@ impl<B: ManagedBackend> KvManager<B> {
                 return Ok(());
             }
             let n = u32::try_from(admitted.len()).unwrap_or(u32::MAX);
-            let plan = inner
+            match inner
                 .cache
-                .offload(pool, host, n, |k| !admitted.contains(&k))?;
-            if let Some(p) = plan {
-                inner.stats.offloaded += inner.cache.plan(p)?.len() as u64;
+                .offload(pool, host, n, |k| !admitted.contains(&k))?
+            {
+                Some(p) => (p, inner.cache.plan(p)?.len() as u64),
+                None => return Ok(()),
             }
-            plan
         };
-        match plan {
-            Some(p) => self.run_plan(p, CopyOp::Copy, "offloading prefixes").await,
-            None => Ok(()),
-        }
+        let (plan, copied) = plan;
+        self.run_plan(plan, CopyOp::Copy, "offloading prefixes")
+            .await?;
+        // Counted once the copies landed (an aborted plan copied nothing).
+        lock(&self.shared.inner).stats.offloaded += copied;
+        Ok(())
     }
 
     /// Brings the prompt blocks with chained `keys` found on the host tier

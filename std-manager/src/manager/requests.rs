@@ -17,7 +17,7 @@ use super::{Inner, KvManager, ManagedBackend, ReqState, lock};
 use crate::engine::Allocation;
 use crate::error::{InvalidRequest, ManagerError, Result};
 use crate::traits::KvCacheHandle;
-use crate::types::{AllocationRequest, Device, RequestId};
+use crate::types::{AllocationRequest, Device, HostAdmission, RequestId};
 
 /// How a request's prompt is matched, decided once per allocation.
 struct PromptPlan {
@@ -157,7 +157,7 @@ impl<B: ManagedBackend> KvManager<B> {
     fn plan_prompt(&self, req: &AllocationRequest, raw_keys: &[BlockHash]) -> Result<PromptPlan> {
         let len = u32::try_from(req.initial_tokens).map_err(|_| too_long())?;
         let blocks = len.div_ceil(self.shared.config.layout.tokens_per_block);
-        let inner = lock(&self.shared.inner);
+        let mut inner = lock(&self.shared.inner);
         if inner.reqs.contains_key(&req.request_id) {
             return Err(ManagerError::DuplicateRequest(req.request_id));
         }
@@ -180,6 +180,13 @@ impl<B: ManagedBackend> KvManager<B> {
             let prompt = Self::prompt(req, &pp, raw_keys);
             let mut keys = Vec::new();
             inner.cache.prompt_keys(&prompt, |k| keys.push(k))?;
+            // The host tier's admission counts prompts asking for each key.
+            let cfg = &self.shared.config;
+            if cfg.offload_evicted_prefixes && cfg.host_admission != HostAdmission::Every {
+                for &k in &keys {
+                    inner.touches.touch(k);
+                }
+            }
             pp.keys = keys;
         }
         Ok(pp)
@@ -192,12 +199,6 @@ impl<B: ManagedBackend> KvManager<B> {
         self.check_request(req)?;
         let raw_keys: Vec<BlockHash> = req.block_keys.iter().map(|&k| BlockHash(k)).collect();
         let pp = self.plan_prompt(req, &raw_keys)?;
-        if self.shared.config.offload_evicted_prefixes {
-            let mut inner = lock(&self.shared.inner);
-            for &k in &pp.keys {
-                inner.touches.touch(k);
-            }
-        }
         let device = pp.device;
         let mut host_hits = 0;
         if !pp.keys.is_empty() {
