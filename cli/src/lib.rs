@@ -13,5 +13,6 @@ pub mod check;
 pub mod keys;
 #[cfg(feature = "cli")]
 pub mod plot;
+pub mod policy;
 pub mod sim;
 pub mod workload;

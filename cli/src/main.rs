@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagedkv_cli::check::{Budget, Need};
 use pagedkv_cli::plot;
+use pagedkv_cli::policy::{block_policy, gap_closed};
 use pagedkv_cli::sim::{self, CostModel, OfferedLoad, Reference, RunResult, SimConfig};
 use pagedkv_cli::workload::{self, Limits};
 use pagedkv_core::{BlockOrder, DType, KvLayout};
@@ -130,9 +131,19 @@ struct Simulate {
     #[arg(long)]
     tokens_per_block: Option<u32>,
     /// Block eviction policies of the prefix cache, compared in one run:
-    /// `lru` (vLLM's order), `belady` (the offline optimum).
+    /// `lru` (vLLM's order), `protect` (prefix hits and blocks shared by
+    /// chains kept in a protected segment), `tail-first` (a finished
+    /// request's deepest new block evicted first), `protect-tail` (both),
+    /// `belady` (the offline optimum).
     #[arg(long, value_delimiter = ',', default_value = "lru")]
     policy: Vec<String>,
+    /// Share of the device, in percent, that `protect` keeps for prefix hits.
+    #[arg(long, default_value_t = pagedkv_cli::policy::PROTECT_PERCENT)]
+    protect_percent: u8,
+    /// Replay only part of a trace, by time: `first-half` (where policies
+    /// are tuned), `second-half` (where they are tested) or `all`.
+    #[arg(long, default_value = "all")]
+    split: String,
     /// Sequence eviction (preemption) policies, compared in one run (timed
     /// mode): lru, lfu, priority, cost.
     #[arg(long, value_delimiter = ',', default_value = "lru")]
@@ -412,7 +423,15 @@ fn simulate(args: Simulate) -> Result<()> {
     if args.tokens_per_block == Some(0) {
         bail!("--tokens-per-block must be at least 1");
     }
-    let w = load(&args, &budget)?;
+    let split = pagedkv_cli::policy::Split::parse(&args.split)?;
+    let mut policies = Vec::new();
+    for p in &args.policy {
+        if !policies.iter().any(|(n, _)| n == p) {
+            policies.push((p.clone(), block_policy(p, args.protect_percent)?));
+        }
+    }
+    let mut w = load(&args, &budget)?;
+    split.apply(&mut w)?;
     let bs = w.tokens_per_block;
     let layout = args.model.layout(bs);
     layout.validate()?;
@@ -424,11 +443,6 @@ fn simulate(args: Simulate) -> Result<()> {
             "a host tier of {host} blocks: at most {} are supported",
             pagedkv_core::MAX_BLOCKS
         );
-    }
-    for p in &args.policy {
-        if !matches!(p.as_str(), "lru" | "belady") {
-            bail!("unknown block eviction policy `{p}` (lru, belady)");
-        }
     }
     for p in &args.preempt {
         sim::preempt_policy(p)?;
@@ -445,6 +459,7 @@ fn simulate(args: Simulate) -> Result<()> {
         } else {
             pagedkv_manager::HostAdmission::Every
         },
+        eviction: pagedkv_core::EvictionPolicy::LRU,
         cost,
     };
     let seq_blocks = sim::max_sequence_tokens(&w, &cfg).div_ceil(u64::from(bs));
@@ -456,10 +471,25 @@ fn simulate(args: Simulate) -> Result<()> {
     );
     budget.check(&need)?;
     let ideal = sim::ideal(&w, timed);
-    let belady = sim::belady(&w, device, timed);
+    let (belady, belady_hits) = sim::belady(&w, device, timed);
     let mut runs = Vec::new();
-    if args.policy.iter().any(|p| p == "lru") {
-        runs = match (args.with_bytes, args.backend.as_str()) {
+    for (name, policy) in &policies {
+        let Some(policy) = *policy else {
+            runs.push(RunResult {
+                policy: "belady".into(),
+                preempt: "-".into(),
+                block_hit_ratio: belady.block_hit_ratio,
+                token_hit_ratio: belady.token_hit_ratio,
+                request_hits: belady_hits.clone(),
+                ..RunResult::default()
+            });
+            continue;
+        };
+        let cfg = SimConfig {
+            eviction: policy,
+            ..cfg.clone()
+        };
+        let mut these = match (args.with_bytes, args.backend.as_str()) {
             (false, "host") => run_all(&|| Ok(MetadataBackend::new()), &w, &cfg, &args)?,
             (false, _) => bail!(
                 "--backend {} moves real bytes: add --with-bytes",
@@ -469,22 +499,27 @@ fn simulate(args: Simulate) -> Result<()> {
             (true, "cuda") => run_cuda(&w, &cfg, &args)?,
             (true, _) => run_vulkan(&w, &cfg, &args)?,
         };
+        for r in &mut these {
+            r.policy.clone_from(name);
+        }
+        runs.extend(these);
     }
-    if args.policy.iter().any(|p| p == "belady") {
-        runs.push(RunResult {
-            policy: "belady".into(),
-            preempt: "-".into(),
-            block_hit_ratio: belady.block_hit_ratio,
-            token_hit_ratio: belady.token_hit_ratio,
-            ..RunResult::default()
-        });
-    }
+    let lru_hits = runs
+        .iter()
+        .find(|r| r.policy == "lru")
+        .map(|r| r.request_hits.clone());
     for r in &mut runs {
         r.fraction_of_optimum = if belady.block_hit_ratio > 0.0 {
             r.block_hit_ratio / belady.block_hit_ratio
         } else {
             1.0
         };
+        if let Some(lru) = &lru_hits
+            && let Some((p, ci)) = gap_closed(&r.request_hits, lru, &belady_hits, args.seed)
+        {
+            r.gap_closed = Some(p);
+            r.gap_closed_interval = Some(ci);
+        }
     }
     let report = Report {
         workload: w.name.clone(),
@@ -560,6 +595,7 @@ fn print_table(r: &Report) {
         ("block hit ratio", vec![]),
         ("token hit ratio", vec![]),
         ("of optimum", vec![]),
+        ("LRU-Belady gap closed", vec![]),
         ("of ideal", vec![]),
         ("hit ratio device / host", vec![]),
         ("hit blocks device / host", vec![]),
@@ -579,6 +615,10 @@ fn print_table(r: &Report) {
             format!("{:.4}", run.block_hit_ratio),
             format!("{:.4}", run.token_hit_ratio),
             format!("{:.1}%", 100.0 * run.fraction_of_optimum),
+            run.gap_closed.map_or("-".into(), |g| {
+                let [lo, hi] = run.gap_closed_interval.unwrap_or([g, g]);
+                format!("{g:.3} ({lo:.3}-{hi:.3})")
+            }),
             format!(
                 "{:.1}%",
                 100.0 * run.block_hit_ratio / r.ideal.block_hit_ratio.max(1e-12)

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use anyhow::{Result, bail};
-use pagedkv_core::KvLayout;
+use pagedkv_core::{EvictionPolicy, KvLayout};
 use pagedkv_manager::{
     AdvancedKvCacheManager, Allocation, AllocationRequest, CacheEvictionPolicy,
     CostAwareEvictionPolicy, Device, ExtendItem, HostAdmission, InvalidRequest, KvCacheManager,
@@ -131,6 +131,8 @@ pub struct SimConfig {
     pub offload: bool,
     /// Which of those the host tier takes.
     pub host_admission: HostAdmission,
+    /// The device pools' order of eviction for cached blocks.
+    pub eviction: EvictionPolicy,
     /// Engine cost model (timed mode).
     pub cost: CostModel,
 }
@@ -217,8 +219,16 @@ pub struct RunResult {
     pub blocks_total: u64,
     /// Device blocks free or cached after the replay (= total when nothing leaked).
     pub blocks_free_at_end: u64,
+    /// Share of the gap from LRU's hits to Belady's this policy closes:
+    /// (hits - LRU's) / (Belady's - LRU's), when both ran.
+    pub gap_closed: Option<f64>,
+    /// 95% bootstrap interval of `gap_closed` over 20 time windows.
+    pub gap_closed_interval: Option<[f64; 2]>,
     /// Time series (at most 2,000 points).
     pub samples: Vec<Sample>,
+    /// Prompt blocks hit, per request.
+    #[serde(skip)]
+    pub request_hits: Vec<u32>,
 }
 
 /// Hit ratios of an offline reference.
@@ -316,7 +326,7 @@ fn ratio(hits: u64, refs: u64, ht: u64, qt: u64) -> Reference {
 /// Belady's offline optimum for `capacity` blocks, requests one at a time,
 /// the in-flight request's blocks pinned: on a miss, evict the cached block
 /// whose next use is farthest in the future. `outputs` as for [`ideal`].
-pub fn belady(w: &Workload, capacity: u32, outputs: bool) -> Reference {
+pub fn belady(w: &Workload, capacity: u32, outputs: bool) -> (Reference, Vec<u32>) {
     let n = w.requests.len();
     const NEVER: usize = usize::MAX;
     // next[i][k]: the next request after i that looks up stored key k of request i.
@@ -337,8 +347,10 @@ pub fn belady(w: &Workload, capacity: u32, outputs: bool) -> Reference {
     let mut cached: KeyMap<(usize, usize)> = KeyMap::default();
     let mut order: BTreeSet<(usize, usize, u128)> = BTreeSet::new(); // unpinned
     let (mut hits, mut refs, mut ht, mut qt) = (0u64, 0u64, 0u64, 0u64);
+    let mut per = Vec::with_capacity(n);
     for (i, r) in w.requests.iter().enumerate() {
         let h = r.keys.iter().take_while(|k| cached.contains_key(k)).count() as u64;
+        per.push(u32::try_from(h).unwrap_or(u32::MAX));
         hits += h;
         refs += r.keys.len() as u64;
         ht += hit_tokens(r, h, w.tokens_per_block);
@@ -372,7 +384,7 @@ pub fn belady(w: &Workload, capacity: u32, outputs: bool) -> Reference {
             }
         }
     }
-    ratio(hits, refs, ht, qt)
+    (ratio(hits, refs, ht, qt), per)
 }
 
 /// A sequence eviction policy by name.
@@ -412,6 +424,7 @@ pub fn manager_config(w: &Workload, cfg: &SimConfig) -> ManagerConfig {
     c.prefix_cache_config = Some(PrefixCacheConfig::default());
     c.offload_evicted_prefixes = cfg.offload && cfg.host_blocks > 0;
     c.host_admission = cfg.host_admission;
+    c.block_eviction = cfg.eviction;
     c.max_sequence_length = max_sequence_tokens(w, cfg) as usize;
     c.max_sequences = max_sequences(cfg);
     c.hash_key = Some(*b"pagedkv-simulate");
@@ -480,6 +493,8 @@ fn utilization<B: ManagedBackend>(m: &KvManager<B>) -> f64 {
 /// Per-run tallies over every request (accepted or rejected).
 #[derive(Default)]
 struct Tally {
+    /// Prompt blocks hit, per request (by index in the workload).
+    hits: Vec<u32>,
     query_blocks: u64,
     hit_blocks: u64,
     device_hits: u64,
@@ -491,11 +506,14 @@ struct Tally {
 
 impl Tally {
     /// A request done: its prefix hits as the allocation answered them.
-    fn request(&mut self, r: &Request, a: Option<&Allocation>, bs: u32) {
+    fn request(&mut self, i: usize, r: &Request, a: Option<&Allocation>, bs: u32) {
         let (device, host) = a.map_or((0, 0), |a| {
             (u64::from(a.device_hit_blocks), u64::from(a.host_hit_blocks))
         });
         let hit_blocks = device + host;
+        if let Some(h) = self.hits.get_mut(i) {
+            *h = u32::try_from(hit_blocks).unwrap_or(u32::MAX);
+        }
         self.device_hits += device;
         self.host_hits += host;
         self.query_blocks += r.keys.len() as u64;
@@ -545,6 +563,7 @@ fn finish<B: ManagedBackend>(
         samples.iter().map(|p| p.utilization).sum::<f64>() / samples.len() as f64
     };
     res.samples = downsample(samples, 2000);
+    res.request_hits = t.hits.clone();
     res
 }
 
@@ -571,13 +590,16 @@ pub fn sequential<B: ManagedBackend>(
         ..RunResult::default()
     };
     let mut samples = Vec::with_capacity(w.requests.len());
-    let mut t = Tally::default();
+    let mut t = Tally {
+        hits: vec![0; w.requests.len()],
+        ..Tally::default()
+    };
     for (i, r) in w.requests.iter().enumerate() {
         progress(1);
         let reject = |res: &mut RunResult, t: &mut Tally| {
             res.rejected += 1;
             res.rejected_blocks += r.keys.len() as u64;
-            t.request(r, None, bs);
+            t.request(i, r, None, bs);
         };
         if !cfg.fits(r, bs) {
             reject(&mut res, &mut t);
@@ -585,7 +607,7 @@ pub fn sequential<B: ManagedBackend>(
         }
         match block_on(m.allocate_request(&request_for(r, i as u64, cfg, bs))) {
             Ok(a) => {
-                t.request(r, Some(&a), bs);
+                t.request(i, r, Some(&a), bs);
                 t.preemptions += a.preempted.len() as u64;
                 let util = utilization(m);
                 block_on(m.deallocate(RequestId(i as u64)))?;
@@ -634,7 +656,10 @@ pub fn timed<B: ManagedBackend>(
     let mut now = 0.0f64;
     let mut delays = Vec::with_capacity(w.requests.len());
     let mut next_id = 0u64;
-    let mut t = Tally::default();
+    let mut t = Tally {
+        hits: vec![0; w.requests.len()],
+        ..Tally::default()
+    };
     let watermark = (cfg.capacity_blocks / 1000) as usize;
     let resume_headroom = (cfg.capacity_blocks / 20) as usize;
     let mut done = 0usize;
@@ -649,7 +674,7 @@ pub fn timed<B: ManagedBackend>(
                 // Larger than the device: a real server refuses it.
                 res.rejected += 1;
                 res.rejected_blocks += r.keys.len() as u64;
-                t.request(r, None, bs);
+                t.request(next_arrival, r, None, bs);
                 done += 1;
                 progress(1);
             }
@@ -678,7 +703,7 @@ pub fn timed<B: ManagedBackend>(
             next_id += 1;
             match block_on(m.allocate_request(&request_for(r, id, cfg, bs))) {
                 Ok(a) => {
-                    t.request(r, Some(&a), bs);
+                    t.request(ri, r, Some(&a), bs);
                     t.preemptions += a.preempted.len() as u64;
                     // The engine skips the prefill of the computed tokens.
                     prefill_tokens += r.prompt_len(bs) - a.computed_tokens as u64;
@@ -694,7 +719,7 @@ pub fn timed<B: ManagedBackend>(
                 Err(e) if rejected(&e, running.is_empty()) => {
                     res.rejected += 1;
                     res.rejected_blocks += r.keys.len() as u64;
-                    t.request(r, None, bs);
+                    t.request(ri, r, None, bs);
                     waiting.pop_front();
                     done += 1;
                     progress(1);

@@ -105,6 +105,9 @@ pub struct SeqSlot {
     pub(crate) first_live: u32,
     /// Leading blocks whose keys are known (`tip` is the last one's).
     pub(crate) keyed_blocks: u32,
+    /// Leading blocks that were prefix hits when the sequence was placed
+    /// (the eviction policy's signal: shared, or a conversation that came back).
+    pub(crate) hits: u32,
     pub(crate) window: u32,
     /// The pending plan moving this sequence, or `NIL`.
     pub(crate) plan: u32,
@@ -125,6 +128,7 @@ impl SeqSlot {
         blocks: 0,
         first_live: 0,
         keyed_blocks: 0,
+        hits: 0,
         window: 0,
         plan: NIL,
         salt: None,
@@ -310,7 +314,13 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
 
     // ---- what a caller may do to a pool directly ------------------------------
 
-    /// Evicts the least recently used cached block of `pool`, if any. O(1).
+    /// Sets how `pool` orders its cached blocks for eviction (see
+    /// [`EvictionPolicy`](crate::EvictionPolicy)).
+    pub fn set_eviction_policy(&mut self, pool: PoolId, p: crate::EvictionPolicy) -> Result<()> {
+        self.pool_mut(pool)?.set_eviction_policy(p)
+    }
+
+    /// Evicts the next cached block of `pool` in its eviction order, if any. O(1).
     pub fn evict_one(&mut self, pool: PoolId) -> Result<Option<(BlockId, BlockHash)>> {
         Ok(self.pool_mut(pool)?.evict_one())
     }

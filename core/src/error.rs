@@ -176,6 +176,11 @@ pub enum Error {
     },
     /// Pressure thresholds must satisfy `0 <= medium <= high <= critical <= 1`.
     InvalidThresholds,
+    /// An eviction policy's protected share above 100 percent.
+    ProtectPercentTooLarge {
+        /// The percent asked for.
+        percent: u8,
+    },
 }
 
 impl fmt::Display for Error {
@@ -274,6 +279,9 @@ impl fmt::Display for Error {
             }
             InvalidThresholds => {
                 f.write_str("thresholds must satisfy 0 <= medium <= high <= critical <= 1")
+            }
+            ProtectPercentTooLarge { percent } => {
+                write!(f, "a protected share of {percent}% (at most 100%)")
             }
         }
     }

@@ -9,7 +9,7 @@ use crate::cache::{HOLE, KvCache, SeqSlot, row_of, row_of_mut};
 use crate::error::{Error, Result};
 use crate::hash::BlockHasher;
 use crate::ids::{BlockHash, BlockId, PoolId, SeqId};
-use crate::pool::BlockPool;
+use crate::pool::{BlockPool, Retention};
 use crate::slab::NIL;
 
 /// Copies `len` elements from `src` to `dst` within one slice, where the two
@@ -242,13 +242,30 @@ impl<H: BlockHasher> KvCache<'_, H> {
             .get_mut(pi)
             .ok_or(Error::UnknownPool(PoolId(s.pool)))?;
         let row = row_of(&self.tables, id.index, self.width);
-        for &b in row
-            .get(s.first_live as usize..s.blocks as usize)
+        let first = s.first_live as usize;
+        for (j, &b) in row
+            .get(first..s.blocks as usize)
             .unwrap_or(&[])
             .iter()
+            .enumerate()
             .rev()
         {
-            p.release(b)?;
+            let j = (first + j) as u32;
+            // The eviction policy's signals: the leading prefix hits, and
+            // the chain's deepest block this sequence computed when its
+            // keys were given (a trace's or a router's block hashes: the
+            // last one covers the prompt's end, usually inside its block,
+            // which the next turn rewrites). With token ids the partial
+            // block is never published: the deepest one is full, and the
+            // next turn reads it.
+            let want = if j < s.hits {
+                Retention::High
+            } else if j + 1 == s.keyed_blocks && !s.hashing {
+                Retention::Low
+            } else {
+                Retention::Normal
+            };
+            p.release_as(b, want)?;
         }
         self.seqs.remove(id.index);
         Ok(())

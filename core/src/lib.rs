@@ -60,7 +60,10 @@ pub use hash::{BlockHasher, ExtraKeys, MmItem, Sha256BlockHasher, SipBlockHasher
 pub use ids::{BlockHash, BlockId, CacheSalt, PlanId, PoolId, SeqId, Tick};
 pub use layout::{BlockOrder, ByteRange, DType, KvLayout, KvPart};
 pub use plan::{Fidelity, PlanSlot, PlanView};
-pub use pool::{BlockPool, BlockSlot, Invariant, MAX_BLOCKS, PoolConfig, PoolKind, Registered};
+pub use pool::{
+    BlockPool, BlockSlot, EvictionPolicy, Invariant, MAX_BLOCKS, PoolConfig, PoolKind, Registered,
+    Retention,
+};
 pub use pressure::{MemoryPressure, PressureMonitor, PressureThresholds};
 pub use prompt::{Prompt, PromptTokens};
 pub use seq::{Allocated, AppendNeeds, Appended};

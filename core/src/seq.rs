@@ -182,6 +182,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
             tokens: len,
             blocks: nblocks,
             keyed_blocks: keyed,
+            hits,
             salt: prompt.salt,
             adapter: prompt.adapter,
             tip,

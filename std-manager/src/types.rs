@@ -181,6 +181,10 @@ pub struct ManagerConfig {
     /// `offload_evicted_prefixes`).
     #[serde(default)]
     pub host_admission: HostAdmission,
+    /// The order in which device pools evict cached blocks (LRU by default;
+    /// see [`pagedkv_core::EvictionPolicy`]).
+    #[serde(default)]
+    pub block_eviction: pagedkv_core::EvictionPolicy,
     /// Pressure levels, with `pressure_hysteresis` below a level to leave it.
     pub pressure_thresholds: PressureThresholds,
     /// See `pressure_thresholds`.
@@ -238,6 +242,7 @@ impl ManagerConfig {
             prefix_cache_config: None,
             offload_evicted_prefixes: false,
             host_admission: HostAdmission::Every,
+            block_eviction: pagedkv_core::EvictionPolicy::LRU,
             pressure_thresholds: PressureThresholds::default(),
             pressure_hysteresis: 0.05,
             max_sequences: 256,

@@ -109,6 +109,11 @@ pub enum Op {
     Grow {
         dev: u8,
     },
+    Policy {
+        pool: u8,
+        protect: u8,
+        tail_first: bool,
+    },
     Relocate {
         pick: u8,
     },
@@ -720,6 +725,21 @@ impl Model {
                 self.cache.grow(pool, n)?;
                 let p = self.cache.pool(pool)?;
                 assert_eq!(p.capacity(), p.max_blocks());
+                Ok(())
+            }
+            Op::Policy {
+                pool,
+                protect,
+                tail_first,
+            } => {
+                // Percentages past 100 are refused (and change nothing).
+                let pool = PoolId(u16::from(pool % 3));
+                let p = pagedkv_core::EvictionPolicy {
+                    protect_percent: protect % 128,
+                    tail_first,
+                };
+                self.cache.set_eviction_policy(pool, p)?;
+                assert_eq!(self.cache.pool(pool)?.eviction_policy(), p);
                 Ok(())
             }
             Op::Relocate { pick } => {

@@ -31,6 +31,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<u8>(), 0..16u8).prop_map(|(pick, w)| Op::Window { pick, w }),
         1 => (0..2u8, any::<u8>()).prop_map(|(dev, frac)| Op::Shrink { dev, frac }),
         1 => (0..2u8).prop_map(|dev| Op::Grow { dev }),
+        1 => (0..3u8, any::<u8>(), any::<bool>()).prop_map(|(pool, protect, tail_first)| Op::Policy { pool, protect, tail_first }),
         2 => any::<u8>().prop_map(|pick| Op::Relocate { pick }),
         3 => (0..2u8, 0..3u8, 0..3u8, 0..48u8, prop::option::weighted(0.3, (any::<u8>(), any::<u8>())))
             .prop_map(|(dev, salt, base, prefix, dup)| Op::AllocateKeys { dev, salt, base, prefix, dup }),

@@ -1,5 +1,6 @@
 //! The pool's invariant check, and its unit tests.
 
+use super::order::{class_of, prev_of};
 use super::{BlockPool, CACHED, FREE, Invariant, NIL, ensure};
 use crate::ids::BlockId;
 
@@ -21,7 +22,11 @@ impl BlockPool<'_> {
                     cached += 1;
                 }
                 _ => {
-                    ensure(s.a > 0, "held block with zero holders", Some(i))?;
+                    ensure(
+                        s.a & super::lists::COUNT_MASK > 0,
+                        "held block with zero holders",
+                        Some(i),
+                    )?;
                     ensure(
                         s.a & super::lists::PIN_BIT == 0,
                         "pin left on a block",
@@ -57,20 +62,27 @@ impl BlockPool<'_> {
             i = s.next();
         }
         ensure(n == free, "free stack length", None)?;
-        // Eviction order, both directions.
-        let (mut n, mut prev, mut i) = (0u32, NIL, self.evict_head);
-        while i != NIL {
-            let s = self.at(i);
-            ensure(s.is_some(), "eviction link out of range", Some(i))?;
-            let s = s.copied().unwrap_or(super::BlockSlot::EMPTY);
-            ensure(s.state() == CACHED, "non-cached in eviction order", Some(i))?;
-            ensure(s.a == prev, "eviction prev link", Some(i))?;
-            n += 1;
-            ensure(n <= cached, "eviction order cycle", Some(i))?;
-            prev = i;
-            i = s.next();
+        // Eviction order, each class in both directions.
+        let mut n = 0u32;
+        for (c, ends) in self.evict.iter().enumerate() {
+            let (mut len, mut prev) = (0u32, NIL);
+            let mut i = ends.head;
+            while i != NIL {
+                let s = self.at(i);
+                ensure(s.is_some(), "eviction link out of range", Some(i))?;
+                let s = s.copied().unwrap_or(super::BlockSlot::EMPTY);
+                ensure(s.state() == CACHED, "non-cached in eviction order", Some(i))?;
+                ensure(prev_of(s.a) == prev, "eviction prev link", Some(i))?;
+                ensure(class_of(s.a) == c, "eviction class", Some(i))?;
+                len += 1;
+                ensure(len <= cached, "eviction order cycle", Some(i))?;
+                prev = i;
+                i = s.next();
+            }
+            ensure(prev == ends.tail, "eviction tail", None)?;
+            ensure(len == ends.len, "eviction class length", None)?;
+            n += len;
         }
-        ensure(prev == self.evict_tail, "eviction tail", None)?;
         ensure(n == cached, "eviction order length", None)?;
         // Index entries.
         for (at, e) in self.index.entries() {

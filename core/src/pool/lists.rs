@@ -1,20 +1,27 @@
-//! The intrusive lists of a pool (the free stack and the eviction order),
-//! threaded through the slots, and the moves of a block between states.
+//! The free stack of a pool, threaded through the slots, and the moves of a
+//! block between states (the eviction order is in `order`).
 //!
 //! Slot indices handed to these functions come from the pool itself (list
 //! links, or ids checked by the caller), so a missing slot can only mean a
 //! broken invariant: the functions then do nothing (`check_invariants`
 //! reports it) rather than panic.
 
+use super::order::Retention;
 use super::{BlockPool, CACHED, FREE, NIL, USED, USED_KEYED};
 use crate::ids::{BlockHash, BlockId};
 
 /// Holders beyond which a prefix hit is treated as a miss (unreachable in
 /// practice; keeps every reference count far from overflowing).
-const MAX_HOLDERS: u32 = u32::MAX / 4;
+pub(super) const MAX_HOLDERS: u32 = u32::MAX / 4;
 /// Marks a held block pinned by the allocation being planned (the top bit
 /// of its reference count, which never reaches it).
 pub(super) const PIN_BIT: u32 = 1 << 31;
+/// Marks a held block that had a second holder (a hit while held, a fork,
+/// a duplicate computation): another chain may continue it, so it is never
+/// evicted first ([`Retention::Low`]).
+pub(super) const SHARED_BIT: u32 = 1 << 30;
+/// The reference count of a held block's `a` word.
+pub(super) const COUNT_MASK: u32 = SHARED_BIT - 1;
 
 impl BlockPool<'_> {
     #[inline]
@@ -36,69 +43,6 @@ impl BlockPool<'_> {
         Some(i)
     }
 
-    #[inline]
-    pub(super) fn evict_push_back(&mut self, i: u32) {
-        let tail = self.evict_tail;
-        let Some(s) = self.at_mut(i) else { return };
-        s.a = tail;
-        s.set(CACHED, NIL);
-        match self.at_mut(tail) {
-            Some(t) => {
-                let st = t.state();
-                t.set(st, i);
-            }
-            None => self.evict_head = i,
-        }
-        self.evict_tail = i;
-        self.evict_len += 1;
-    }
-
-    /// Unlinks a cached block from the eviction order. The block's own links
-    /// are left as they were, so [`relink`](Self::relink) can put it back
-    /// exactly where it was (as long as nothing else changed the list).
-    #[inline]
-    pub(super) fn evict_unlink(&mut self, i: u32) {
-        let Some((prev, next)) = self.at(i).map(|s| (s.a, s.next())) else {
-            return;
-        };
-        match self.at_mut(prev) {
-            Some(p) => {
-                let st = p.state();
-                p.set(st, next);
-            }
-            None => self.evict_head = next,
-        }
-        match self.at_mut(next) {
-            Some(n) => n.a = prev,
-            None => self.evict_tail = prev,
-        }
-        self.evict_len -= 1;
-    }
-
-    /// Undoes [`evict_unlink`](Self::evict_unlink) of block `i` (dancing
-    /// links: exact when undone in reverse order of the unlinks).
-    #[inline]
-    fn relink(&mut self, i: u32) {
-        let Some((prev, next)) = self.at(i).map(|s| (s.a, s.next())) else {
-            return;
-        };
-        match self.at_mut(prev) {
-            Some(p) => {
-                let st = p.state();
-                p.set(st, i);
-            }
-            None => self.evict_head = i,
-        }
-        match self.at_mut(next) {
-            Some(n) => n.a = i,
-            None => self.evict_tail = i,
-        }
-        if let Some(s) = self.at_mut(i) {
-            s.set(CACHED, next);
-        }
-        self.evict_len += 1;
-    }
-
     /// Takes one block for a new holder: the free stack first, else the LRU
     /// cached block (its key leaves the index). The caller checked
     /// availability; `None` only if the lists are broken.
@@ -107,7 +51,7 @@ impl BlockPool<'_> {
         let i = if self.free_len > 0 {
             self.free_pop()?
         } else {
-            let i = self.evict_head;
+            let i = self.victim();
             self.at(i)?;
             self.evict_unlink(i);
             self.drop_key(i);
@@ -122,11 +66,15 @@ impl BlockPool<'_> {
         Some(i)
     }
 
-    /// A block lost its last holder: to the eviction order (keyed), the free
-    /// stack, or out of service (draining past `capacity`).
+    /// A block lost its last holder: to the eviction order (keyed, in the
+    /// class `want` asks for), the free stack, or out of service (draining
+    /// past `capacity`).
     #[inline]
-    pub(super) fn unheld(&mut self, i: u32) {
-        let Some(keyed) = self.at(i).map(|s| s.state() == USED_KEYED) else {
+    pub(super) fn unheld(&mut self, i: u32, want: Retention) {
+        let Some((keyed, shared)) = self
+            .at(i)
+            .map(|s| (s.state() == USED_KEYED, s.a & SHARED_BIT != 0))
+        else {
             return;
         };
         self.held -= 1;
@@ -138,7 +86,7 @@ impl BlockPool<'_> {
                 s.set(FREE, NIL);
             }
         } else if keyed {
-            self.evict_push_back(i);
+            self.cache_block(i, want, shared);
         } else {
             self.free_push(i);
         }
@@ -171,7 +119,9 @@ impl BlockPool<'_> {
                 s.set(USED, next);
                 Some(b)
             }
-            USED_KEYED if s.a < MAX_HOLDERS => {
+            // A pinned block (`PIN_BIT` set) is past the limit: a key
+            // repeated in one walk ends the match.
+            USED_KEYED if s.a & !SHARED_BIT < MAX_HOLDERS => {
                 self.at_mut(b.0)?.a |= PIN_BIT;
                 Some(b)
             }
@@ -201,7 +151,8 @@ impl BlockPool<'_> {
                     s.set(USED_KEYED, 0);
                     self.held += 1;
                 }
-                USED_KEYED => s.a = (s.a & !PIN_BIT) + 1,
+                // A hit on a held block: a second chain shares it.
+                USED_KEYED => s.a = ((s.a & !PIN_BIT) | SHARED_BIT) + 1,
                 _ => debug_assert!(false, "hit neither pinned nor held"),
             }
         }
@@ -224,9 +175,9 @@ impl BlockPool<'_> {
                 self.held += 1;
                 true
             }
-            USED_KEYED if s.a < MAX_HOLDERS => {
+            USED_KEYED if s.a & COUNT_MASK < MAX_HOLDERS => {
                 if let Some(s) = self.at_mut(b.0) {
-                    s.a += 1;
+                    s.a = (s.a | SHARED_BIT) + 1;
                 }
                 true
             }

@@ -32,6 +32,9 @@
 mod check;
 mod lists;
 mod ops;
+mod order;
+
+pub use order::{EvictionPolicy, Retention};
 
 use crate::error::{Error, Result};
 use crate::events::{EventQueue, KvEvent};
@@ -215,9 +218,10 @@ pub struct BlockPool<'a> {
     online: u32,
     free_head: u32,
     free_len: u32,
-    evict_head: u32,
-    evict_tail: u32,
+    /// Per class of the eviction order: head, tail, length.
+    evict: [order::Ends; order::CLASSES],
     evict_len: u32,
+    policy: EvictionPolicy,
     held: u32,
     stats: PoolStats,
     events: EventQueue<'a>,
@@ -267,9 +271,9 @@ impl<'a> BlockPool<'a> {
             online: capacity,
             free_head: 0,
             free_len: capacity,
-            evict_head: NIL,
-            evict_tail: NIL,
+            evict: [order::Ends::EMPTY; order::CLASSES],
             evict_len: 0,
+            policy: EvictionPolicy::LRU,
             held: 0,
             stats: PoolStats {
                 blocks_total: capacity,
@@ -472,7 +476,11 @@ impl<'a> BlockPool<'a> {
     /// Holders of `b` (0 for a free or cached block).
     pub fn ref_count(&self, b: BlockId) -> Result<u32> {
         let s = self.slot(b)?;
-        Ok(if s.is_held() { s.a } else { 0 })
+        Ok(if s.is_held() {
+            s.a & lists::COUNT_MASK
+        } else {
+            0
+        })
     }
 
     /// The key `b` carries, if any.

@@ -1,6 +1,8 @@
 //! What a pool's users call: allocate and release, prefix lookups and
 //! registration, eviction, events.
 
+use super::lists::{COUNT_MASK, MAX_HOLDERS, SHARED_BIT};
+use super::order::Retention;
 use super::{BlockPool, BlockSlot, CACHED, NIL, Registered, USED, USED_KEYED};
 use crate::error::{Error, Result};
 use crate::events::KvEvent;
@@ -70,7 +72,11 @@ impl BlockPool<'_> {
         if !s.is_held() {
             return Err(Error::BlockNotInUse(b));
         }
-        s.a = s.a.checked_add(1).ok_or(Error::RefCountOverflow(b))?;
+        if s.a & COUNT_MASK >= MAX_HOLDERS {
+            return Err(Error::RefCountOverflow(b));
+        }
+        // A second holder: another chain may continue the block.
+        s.a = (s.a | SHARED_BIT) + 1;
         Ok(())
     }
 
@@ -79,18 +85,26 @@ impl BlockPool<'_> {
     /// Returns whether the block lost its last holder. O(1).
     #[inline]
     pub fn release(&mut self, b: BlockId) -> Result<bool> {
+        self.release_as(b, Retention::Normal)
+    }
+
+    /// [`release`](Self::release), asking for class `want` in the eviction
+    /// order if this was the last holder (the pool's
+    /// [`EvictionPolicy`](super::EvictionPolicy) decides). O(1).
+    #[inline]
+    pub fn release_as(&mut self, b: BlockId, want: Retention) -> Result<bool> {
         let s = self
             .slots
             .get_mut(b.index())
             .ok_or(Error::UnknownBlock(b))?;
-        if !s.is_held() || s.a == 0 {
+        if !s.is_held() || s.a & COUNT_MASK == 0 {
             return Err(Error::BlockNotInUse(b));
         }
         s.a -= 1;
-        if s.a > 0 {
+        if s.a & COUNT_MASK > 0 {
             return Ok(false);
         }
-        self.unheld(b.0);
+        self.unheld(b.0, want);
         Ok(true)
     }
 
@@ -102,7 +116,7 @@ impl BlockPool<'_> {
         for (k, &b) in blocks.iter().enumerate() {
             let ok = match self.slots.get_mut(b.index()) {
                 None => Err(Error::UnknownBlock(b)),
-                Some(s) if !s.is_held() || s.a == 0 => Err(Error::BlockNotInUse(b)),
+                Some(s) if !s.is_held() || s.a & COUNT_MASK == 0 => Err(Error::BlockNotInUse(b)),
                 Some(s) => {
                     s.a -= 1;
                     Ok(())
@@ -119,8 +133,11 @@ impl BlockPool<'_> {
         }
         // Pass 2: move the blocks that lost their last holder to their list.
         for &b in blocks {
-            if self.at(b.0).is_some_and(|s| s.a == 0 && s.is_held()) {
-                self.unheld(b.0);
+            if self
+                .at(b.0)
+                .is_some_and(|s| s.a & COUNT_MASK == 0 && s.is_held())
+            {
+                self.unheld(b.0, Retention::Normal);
             }
         }
         Ok(())
@@ -174,7 +191,15 @@ impl BlockPool<'_> {
         let slots = &self.slots;
         let key_of = |e: u32| slots.get(e as usize).map_or(BlockHash(0), BlockSlot::key);
         match self.index.insert(key, b.0, key_of) {
-            Insert::Exists(other) => Ok(Registered::Duplicate(BlockId(other))),
+            Insert::Exists(other) => {
+                // Another chain computed the same block: it may continue it.
+                match self.at_mut(other) {
+                    Some(o) if o.is_held() => o.a |= SHARED_BIT,
+                    Some(_) => self.unlow(other),
+                    None => {}
+                }
+                Ok(Registered::Duplicate(BlockId(other)))
+            }
             Insert::Full => Ok(Registered::IndexFull),
             Insert::Inserted => {
                 if let Some(s) = self.at_mut(b.0) {
@@ -186,12 +211,12 @@ impl BlockPool<'_> {
         }
     }
 
-    /// Evicts the least recently used cached block to the free stack. O(1).
+    /// Evicts the next cached block in eviction order to the free stack. O(1).
     pub fn evict_one(&mut self) -> Option<(BlockId, BlockHash)> {
         if self.evict_len == 0 {
             return None;
         }
-        let b = BlockId(self.evict_head);
+        let b = BlockId(self.victim());
         self.evict(b).ok().map(|key| (b, key))
     }
 
@@ -210,22 +235,11 @@ impl BlockPool<'_> {
         Ok(key)
     }
 
-    /// The cached blocks in eviction order (least recently used first).
-    pub fn eviction_order(&self) -> impl Iterator<Item = BlockId> + '_ {
-        let mut i = self.evict_head;
-        core::iter::from_fn(move || {
-            let s = self.at(i)?;
-            let b = BlockId(i);
-            i = s.next();
-            Some(b)
-        })
-    }
-
     /// Drops every key: cached blocks return to the free stack, held blocks
     /// stay held but unkeyed. Emits [`KvEvent::AllCleared`]. O(capacity).
     pub fn reset_prefix_cache(&mut self) {
         while self.evict_len > 0 {
-            let i = self.evict_head;
+            let i = self.victim();
             if self.at(i).is_none() {
                 break;
             }

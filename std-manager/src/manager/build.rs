@@ -171,6 +171,7 @@ impl<B: ManagedBackend> KvManager<B> {
                 memory_of(dev),
                 sized,
             )?;
+            cache.set_eviction_policy(cfg.id, config.block_eviction)?;
         }
         if let Some(host) = pools.host() {
             let hb = (sizes.host_blocks, sizes.host_blocks, events);
