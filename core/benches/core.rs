@@ -9,6 +9,8 @@
 //!   expanded to 32 16-token blocks, on an 8,192-block pool, one request at a
 //!   time (lookup, allocate, register, free); keys precomputed (hashing
 //!   excluded); throughput per request.
+//! - `eviction/{lru,protect,tail_first,protect_tail}`: the same replay under
+//!   each eviction policy (`EvictionPolicy`), throughput per request-block.
 #![allow(missing_docs, reason = "criterion macros generate undocumented items")]
 #![allow(clippy::cast_possible_truncation, reason = "trace lengths fit in u32")]
 
@@ -17,8 +19,8 @@ use std::path::PathBuf;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use pagedkv_core::{
-    BlockHash, BlockHasher, BlockId, BlockPool, CacheConfig, ExtraKeys, KvCache, PoolConfig,
-    PoolId, Prompt, Sha256BlockHasher, SipBlockHasher,
+    BlockHash, BlockHasher, BlockId, BlockPool, CacheConfig, EvictionPolicy, ExtraKeys, KvCache,
+    PoolConfig, PoolId, Prompt, Sha256BlockHasher, SipBlockHasher,
 };
 
 fn pool_benches(c: &mut Criterion) {
@@ -148,12 +150,6 @@ fn trace_benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("trace");
     g.sample_size(10);
     g.throughput(Throughput::Elements(reqs.len() as u64));
-    let config = CacheConfig {
-        tokens_per_block: 16,
-        max_seqs: 4,
-        max_blocks_per_seq: 8192,
-        max_plans: 1,
-    };
     g.bench_function("keys_only", |b| {
         b.iter(|| {
             let mut x = 0u128;
@@ -165,30 +161,62 @@ fn trace_benches(c: &mut Criterion) {
             x
         })
     });
-    g.bench_function("mooncake_16", |b| {
-        b.iter_batched_ref(
-            || {
-                let mut cache = KvCache::with_config(config, SipBlockHasher::new([7; 16])).unwrap();
-                let mut pool = BlockPool::with_capacity(PoolConfig::device(0, 16), 8192).unwrap();
-                pool.set_events_enabled(false);
-                cache.add_pool(pool).unwrap();
-                cache
-            },
-            |cache| {
-                let mut hits = 0u64;
-                for r in &reqs {
-                    let a = cache
-                        .allocate(PoolId(0), &Prompt::keys(&r.keys, r.len))
-                        .unwrap();
-                    hits += u64::from(a.hit_blocks);
-                    cache.free(a.seq).unwrap();
-                }
-                hits
-            },
-            BatchSize::PerIteration,
-        )
-    });
+    g.bench_function("mooncake_16", |b| replay(b, &reqs, EvictionPolicy::LRU));
     g.finish();
+    // The eviction policies on the same replay, per request-block (each one
+    // a prefix lookup or an allocation with its eviction, a registration,
+    // and a release into the eviction order).
+    let mut g = c.benchmark_group("eviction");
+    g.sample_size(10);
+    let blocks: usize = reqs.iter().map(|r| r.keys.len()).sum();
+    g.throughput(Throughput::Elements(blocks as u64));
+    for (name, p) in [
+        ("lru", EvictionPolicy::LRU),
+        ("protect", EvictionPolicy::protect(10)),
+        ("tail_first", EvictionPolicy::TAIL_FIRST),
+        (
+            "protect_tail",
+            EvictionPolicy {
+                protect_percent: 10,
+                tail_first: true,
+            },
+        ),
+    ] {
+        g.bench_function(name, |b| replay(b, &reqs, p));
+    }
+    g.finish();
+}
+
+/// Replays `reqs` one at a time through a pool of 8,192 blocks under `p`.
+fn replay(b: &mut criterion::Bencher<'_>, reqs: &[Request], p: EvictionPolicy) {
+    let config = CacheConfig {
+        tokens_per_block: 16,
+        max_seqs: 4,
+        max_blocks_per_seq: 8192,
+        max_plans: 1,
+    };
+    b.iter_batched_ref(
+        || {
+            let mut cache = KvCache::with_config(config, SipBlockHasher::new([7; 16])).unwrap();
+            let mut pool = BlockPool::with_capacity(PoolConfig::device(0, 16), 8192).unwrap();
+            pool.set_events_enabled(false);
+            pool.set_eviction_policy(p).unwrap();
+            cache.add_pool(pool).unwrap();
+            cache
+        },
+        |cache| {
+            let mut hits = 0u64;
+            for r in reqs {
+                let a = cache
+                    .allocate(PoolId(0), &Prompt::keys(&r.keys, r.len))
+                    .unwrap();
+                hits += u64::from(a.hit_blocks);
+                cache.free(a.seq).unwrap();
+            }
+            hits
+        },
+        BatchSize::PerIteration,
+    )
 }
 
 criterion_group!(
