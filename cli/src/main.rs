@@ -647,7 +647,7 @@ fn print_table(r: &Report) {
         }
     }
     for (name, vals) in rows {
-        let cells: Vec<String> = vals.iter().map(|v| format!("{v:>20}")).collect();
+        let cells: Vec<String> = vals.iter().map(|v| format!("{v:>22}")).collect();
         println!("{name:<24}{}", cells.join(""));
     }
     if r.runs
