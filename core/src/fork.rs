@@ -243,13 +243,15 @@ impl<H: BlockHasher> KvCache<'_, H> {
             .ok_or(Error::UnknownPool(PoolId(s.pool)))?;
         let row = row_of(&self.tables, id.index, self.width);
         let first = s.first_live as usize;
-        for (j, &b) in row
-            .get(first..s.blocks as usize)
-            .unwrap_or(&[])
-            .iter()
-            .enumerate()
-            .rev()
-        {
+        let live = row.get(first..s.blocks as usize).unwrap_or(&[]);
+        if !p.is_ranked() {
+            for &b in live.iter().rev() {
+                p.release(b)?;
+            }
+            self.seqs.remove(id.index);
+            return Ok(());
+        }
+        for (j, &b) in live.iter().enumerate().rev() {
             let j = (first + j) as u32;
             // The eviction policy's signals: the leading prefix hits, and
             // the chain's deepest block this sequence computed when its

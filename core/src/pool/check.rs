@@ -64,7 +64,7 @@ impl BlockPool<'_> {
         ensure(n == free, "free stack length", None)?;
         // Eviction order, each class in both directions.
         let mut n = 0u32;
-        for (c, ends) in self.evict.iter().enumerate() {
+        for (c, ends) in self.evict.all().into_iter().enumerate() {
             let (mut len, mut prev) = (0u32, NIL);
             let mut i = ends.head;
             while i != NIL {

@@ -1,5 +1,6 @@
-//! The free stack of a pool, threaded through the slots, and the moves of a
-//! block between states (the eviction order is in `order`).
+//! The free stack of a pool, threaded through the slots, the blocks in
+//! service (grow, shrink), and the moves of a block between states (the
+//! eviction order is in `order`).
 //!
 //! Slot indices handed to these functions come from the pool itself (list
 //! links, or ids checked by the caller), so a missing slot can only mean a
@@ -8,6 +9,7 @@
 
 use super::order::Retention;
 use super::{BlockPool, CACHED, FREE, NIL, USED, USED_KEYED};
+use crate::error::{Error, Result};
 use crate::ids::{BlockHash, BlockId};
 
 /// Holders beyond which a prefix hit is treated as a miss (unreachable in
@@ -24,6 +26,78 @@ pub(super) const SHARED_BIT: u32 = 1 << 30;
 pub(super) const COUNT_MASK: u32 = SHARED_BIT - 1;
 
 impl BlockPool<'_> {
+    /// Held blocks at or past [`capacity`](Self::capacity): they leave
+    /// service when released. O(max_blocks).
+    pub fn draining_len(&self) -> u32 {
+        self.slots
+            .iter()
+            .skip(self.online as usize)
+            .filter(|s| s.is_held())
+            .count() as u32
+    }
+
+    /// Brings `n` more blocks into service (their memory is now backed).
+    /// Blocks still held from an earlier shrink simply stop draining. O(n).
+    pub fn grow(&mut self, n: u32) -> Result<u32> {
+        let to = self
+            .online
+            .checked_add(n)
+            .filter(|&t| t <= self.max_blocks())
+            .ok_or(Error::CapacityTooLarge {
+                requested: u64::from(self.online) + u64::from(n),
+                max: self.max_blocks(),
+            })?;
+        let from = self.online;
+        self.online = to;
+        for i in (from..to).rev() {
+            if self.at(i).is_some_and(|s| s.state() == FREE) {
+                self.free_push(i);
+            }
+        }
+        self.stats.blocks_total = to;
+        Ok(to)
+    }
+
+    /// Takes blocks `to..` out of service: free ones at once, cached ones
+    /// evicted (their keys leave the index), held ones when released
+    /// ("draining": relocate their holders, for example with
+    /// `KvCache::relocate`, to empty them). New allocations only come from
+    /// blocks below `to`. O(max_blocks).
+    pub fn shrink(&mut self, to: u32) -> Result<()> {
+        if to == 0 {
+            return Err(Error::ZeroCapacity);
+        }
+        if to >= self.online {
+            return Ok(());
+        }
+        for i in to..self.online {
+            if self.at(i).is_some_and(|s| s.state() == CACHED) {
+                self.evict_unlink(i);
+                self.drop_key(i);
+                self.stats.evictions += 1;
+                if let Some(s) = self.at_mut(i) {
+                    s.set(FREE, NIL);
+                }
+            }
+        }
+        // Rebuild the free stack from the blocks that stay, lowest id on top.
+        self.online = to;
+        self.free_head = NIL;
+        self.free_len = 0;
+        for i in (0..to).rev() {
+            if self.at(i).is_some_and(|s| s.state() == FREE) {
+                self.free_push(i);
+            }
+        }
+        for s in self.slots.iter_mut().skip(to as usize) {
+            if s.state() == FREE {
+                s.set(FREE, NIL);
+            }
+        }
+        self.stats.blocks_total = to;
+        Ok(())
+    }
+
     #[inline]
     pub(super) fn free_push(&mut self, i: u32) {
         let head = self.free_head;
@@ -69,12 +143,9 @@ impl BlockPool<'_> {
     /// A block lost its last holder: to the eviction order (keyed, in the
     /// class `want` asks for), the free stack, or out of service (draining
     /// past `capacity`).
-    #[inline]
+    #[inline(always)]
     pub(super) fn unheld(&mut self, i: u32, want: Retention) {
-        let Some((keyed, shared)) = self
-            .at(i)
-            .map(|s| (s.state() == USED_KEYED, s.a & SHARED_BIT != 0))
-        else {
+        let Some(keyed) = self.at(i).map(|s| s.state() == USED_KEYED) else {
             return;
         };
         self.held -= 1;
@@ -86,7 +157,7 @@ impl BlockPool<'_> {
                 s.set(FREE, NIL);
             }
         } else if keyed {
-            self.cache_block(i, want, shared);
+            self.cache_block(i, want);
         } else {
             self.free_push(i);
         }

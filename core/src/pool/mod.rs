@@ -1,13 +1,13 @@
-//! The block pool: fixed capacity, reference counts, a free stack, an LRU
-//! eviction order of cached blocks and the prefix index, all intrusive in one
-//! array of 24-byte slots.
+//! The block pool: fixed capacity, reference counts, a free stack, the
+//! eviction order of cached blocks (LRU by default; see [`EvictionPolicy`])
+//! and the prefix index, all intrusive in one array of 24-byte slots.
 //!
 //! # Block states
 //!
 //! | state | holders | key | list |
 //! |---|---|---|---|
 //! | free | 0 | none | free stack (reused first) |
-//! | cached | 0 | yes | eviction order (LRU at the head) |
+//! | cached | 0 | yes | eviction order (the next victim at the head) |
 //! | used | ≥ 1 | none | none |
 //! | used, keyed | ≥ 1 | yes | none |
 //!
@@ -19,8 +19,10 @@
 //! # Memory
 //!
 //! A slot is 24 bytes: the 128-bit key, and two `u32` words that are `prev`
-//! and `next` links while the block is in a list, the reference count while it
-//! is held (the top two bits of the second word hold the state). The prefix
+//! and `next` links while the block is in a list (the top two bits of `prev`
+//! hold a cached block's eviction class), the reference count while it is
+//! held (with a pin bit and a shared bit; the top two bits of the second word
+//! hold the state). The prefix
 //! index adds 1.5 entries of 4 bytes per block. Total: **30 bytes per block**,
 //! counted by `size_of::<BlockSlot>() + 4 * buckets_for(n) / n` (see the
 //! `metadata_bytes_per_block` test; small pools round up to whole buckets).
@@ -219,9 +221,11 @@ pub struct BlockPool<'a> {
     free_head: u32,
     free_len: u32,
     /// Per class of the eviction order: head, tail, length.
-    evict: [order::Ends; order::CLASSES],
+    evict: order::Classes,
     evict_len: u32,
     policy: EvictionPolicy,
+    /// `policy` is not LRU.
+    ranked: bool,
     held: u32,
     stats: PoolStats,
     events: EventQueue<'a>,
@@ -271,9 +275,10 @@ impl<'a> BlockPool<'a> {
             online: capacity,
             free_head: 0,
             free_len: capacity,
-            evict: [order::Ends::EMPTY; order::CLASSES],
+            evict: order::Classes::EMPTY,
             evict_len: 0,
             policy: EvictionPolicy::LRU,
+            ranked: false,
             held: 0,
             stats: PoolStats {
                 blocks_total: capacity,
@@ -347,77 +352,6 @@ impl<'a> BlockPool<'a> {
         self.slots.len() as u32
     }
 
-    /// Held blocks at or past [`capacity`](Self::capacity): they leave
-    /// service when released. O(max_blocks).
-    pub fn draining_len(&self) -> u32 {
-        self.slots
-            .iter()
-            .skip(self.online as usize)
-            .filter(|s| s.is_held())
-            .count() as u32
-    }
-
-    /// Brings `n` more blocks into service (their memory is now backed).
-    /// Blocks still held from an earlier shrink simply stop draining. O(n).
-    pub fn grow(&mut self, n: u32) -> Result<u32> {
-        let to = self
-            .online
-            .checked_add(n)
-            .filter(|&t| t <= self.max_blocks())
-            .ok_or(Error::CapacityTooLarge {
-                requested: u64::from(self.online) + u64::from(n),
-                max: self.max_blocks(),
-            })?;
-        let from = self.online;
-        self.online = to;
-        for i in (from..to).rev() {
-            if self.at(i).is_some_and(|s| s.state() == FREE) {
-                self.free_push(i);
-            }
-        }
-        self.stats.blocks_total = to;
-        Ok(to)
-    }
-
-    /// Takes blocks `to..` out of service: free ones at once, cached ones
-    /// evicted (their keys leave the index), held ones when released
-    /// ("draining": relocate their holders, for example with
-    /// `KvCache::relocate`, to empty them). New allocations only come from
-    /// blocks below `to`. O(max_blocks).
-    pub fn shrink(&mut self, to: u32) -> Result<()> {
-        if to == 0 {
-            return Err(Error::ZeroCapacity);
-        }
-        if to >= self.online {
-            return Ok(());
-        }
-        for i in to..self.online {
-            if self.at(i).is_some_and(|s| s.state() == CACHED) {
-                self.evict_unlink(i);
-                self.drop_key(i);
-                self.stats.evictions += 1;
-                if let Some(s) = self.at_mut(i) {
-                    s.set(FREE, NIL);
-                }
-            }
-        }
-        // Rebuild the free stack from the blocks that stay, lowest id on top.
-        self.online = to;
-        self.free_head = NIL;
-        self.free_len = 0;
-        for i in (0..to).rev() {
-            if self.at(i).is_some_and(|s| s.state() == FREE) {
-                self.free_push(i);
-            }
-        }
-        for s in self.slots.iter_mut().skip(to as usize) {
-            if s.state() == FREE {
-                s.set(FREE, NIL);
-            }
-        }
-        self.stats.blocks_total = to;
-        Ok(())
-    }
     /// Blocks on the free stack.
     #[inline]
     pub fn free_len(&self) -> u32 {

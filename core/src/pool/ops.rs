@@ -91,7 +91,7 @@ impl BlockPool<'_> {
     /// [`release`](Self::release), asking for class `want` in the eviction
     /// order if this was the last holder (the pool's
     /// [`EvictionPolicy`](super::EvictionPolicy) decides). O(1).
-    #[inline]
+    #[inline(always)]
     pub fn release_as(&mut self, b: BlockId, want: Retention) -> Result<bool> {
         let s = self
             .slots

@@ -38,6 +38,7 @@
     reason = "class indices are 0..3 and links fit in 30 bits"
 )]
 
+use super::lists::SHARED_BIT;
 use super::{BlockPool, CACHED, LINK_MASK, NIL};
 
 /// Classes of the eviction order.
@@ -118,11 +119,50 @@ pub(super) struct Ends {
 }
 
 impl Ends {
-    pub(super) const EMPTY: Self = Self {
+    const EMPTY: Self = Self {
         head: NIL,
         tail: NIL,
         len: 0,
     };
+}
+
+/// The three classes' lists (named fields: no index checks on hot paths).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Classes {
+    low: Ends,
+    normal: Ends,
+    high: Ends,
+}
+
+impl Classes {
+    pub(super) const EMPTY: Self = Self {
+        low: Ends::EMPTY,
+        normal: Ends::EMPTY,
+        high: Ends::EMPTY,
+    };
+
+    /// Class `c`'s list (`c` comes from two bits: 3 never occurs, and reads
+    /// as `High`).
+    #[inline(always)]
+    pub(super) fn get(&self, c: usize) -> &Ends {
+        match c {
+            0 => &self.low,
+            1 => &self.normal,
+            _ => &self.high,
+        }
+    }
+    #[inline(always)]
+    fn get_mut(&mut self, c: usize) -> &mut Ends {
+        match c {
+            0 => &mut self.low,
+            1 => &mut self.normal,
+            _ => &mut self.high,
+        }
+    }
+    /// Every class, in eviction order.
+    pub(super) fn all(&self) -> [&Ends; CLASSES] {
+        [&self.low, &self.normal, &self.high]
+    }
 }
 
 /// The prev link of a cached block's `a` word.
@@ -142,6 +182,13 @@ impl BlockPool<'_> {
         self.policy
     }
 
+    /// Whether the policy uses classes beyond LRU (releases then say which
+    /// class they ask for: [`release_as`](Self::release_as)).
+    #[inline]
+    pub fn is_ranked(&self) -> bool {
+        self.ranked
+    }
+
     /// Sets how cached blocks are ordered for eviction. Blocks cached
     /// already keep their place; the protected class sheds its excess at
     /// its next push. Refuses a `protect_percent` above 100.
@@ -152,6 +199,9 @@ impl BlockPool<'_> {
             });
         }
         self.policy = p;
+        // Blocks still in `Low` or `High` keep the classes in use.
+        let e = &self.evict;
+        self.ranked = p != EvictionPolicy::LRU || e.low.len > 0 || e.high.len > 0;
         Ok(())
     }
 
@@ -162,38 +212,45 @@ impl BlockPool<'_> {
     }
 
     /// A keyed block lost its last holder: to the tail of its class.
-    #[inline]
-    pub(super) fn cache_block(&mut self, i: u32, want: Retention, shared: bool) {
+    #[inline(always)]
+    pub(super) fn cache_block(&mut self, i: u32, want: Retention) {
+        if !self.ranked {
+            // LRU, the common case: as cheap as a single list.
+            self.evict_push_back(i, Retention::Normal as usize);
+        } else {
+            self.cache_ranked(i, want);
+        }
+    }
+
+    /// [`cache_block`](Self::cache_block) under a policy with classes.
+    #[inline(never)]
+    fn cache_ranked(&mut self, i: u32, want: Retention) {
+        // The block's count is zero; its shared bit is still there.
+        let shared = self.at(i).is_some_and(|s| s.a & SHARED_BIT != 0);
         let c = self.policy.class(want, shared);
         self.evict_push_back(i, c as usize);
         if c == Retention::High {
-            let cap = self.protect_cap();
-            let high = self.evict.get(Retention::High as usize);
-            if let Some(&Ends { head, len, .. }) = high
-                && len > cap
-            {
+            let Ends { head, len, .. } = self.evict.high;
+            if len > self.protect_cap() {
                 self.evict_unlink(head);
                 self.evict_push_back(head, Retention::Normal as usize);
             }
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(super) fn evict_push_back(&mut self, i: u32, c: usize) {
-        let Some(&Ends { tail, .. }) = self.evict.get(c) else {
-            return;
-        };
+        let tail = self.evict.get(c).tail;
         let Some(s) = self.at_mut(i) else { return };
         s.a = tail | ((c as u32) << CLASS_SHIFT);
         s.set(CACHED, NIL);
         let linked = self.at_mut(tail).map(|t| t.set(CACHED, i)).is_some();
-        if let Some(e) = self.evict.get_mut(c) {
-            if !linked {
-                e.head = i;
-            }
-            e.tail = i;
-            e.len += 1;
+        let e = self.evict.get_mut(c);
+        if !linked {
+            e.head = i;
         }
+        e.tail = i;
+        e.len += 1;
         self.evict_len += 1;
     }
 
@@ -205,13 +262,20 @@ impl BlockPool<'_> {
         let Some((a, next)) = self.at(i).map(|s| (s.a, s.next())) else {
             return;
         };
-        let (prev, c) = (prev_of(a), class_of(a));
+        if self.ranked {
+            self.unlink_in(i, a, next, class_of(a));
+        } else {
+            self.unlink_in(i, a, next, Retention::Normal as usize);
+        }
+    }
+
+    #[inline(always)]
+    fn unlink_in(&mut self, _i: u32, a: u32, next: u32, c: usize) {
+        let prev = prev_of(a);
         let bits = (c as u32) << CLASS_SHIFT;
         let has_prev = self.at_mut(prev).map(|p| p.set(CACHED, next)).is_some();
         let has_next = self.at_mut(next).map(|n| n.a = prev | bits).is_some();
-        let Some(e) = self.evict.get_mut(c) else {
-            return;
-        };
+        let e = self.evict.get_mut(c);
         if !has_prev {
             e.head = next;
         }
@@ -236,9 +300,7 @@ impl BlockPool<'_> {
         if let Some(s) = self.at_mut(i) {
             s.set(CACHED, next);
         }
-        let Some(e) = self.evict.get_mut(c) else {
-            return;
-        };
+        let e = self.evict.get_mut(c);
         if !has_prev {
             e.head = i;
         }
@@ -252,10 +314,18 @@ impl BlockPool<'_> {
     /// The next block to evict: the head of the lowest non-empty class.
     #[inline]
     pub(super) fn victim(&self) -> u32 {
-        self.evict
-            .iter()
-            .find(|e| e.len > 0)
-            .map_or(NIL, |e| e.head)
+        let e = &self.evict;
+        if !self.ranked {
+            e.normal.head
+        } else if e.low.len > 0 {
+            e.low.head
+        } else if e.normal.len > 0 {
+            e.normal.head
+        } else if e.high.len > 0 {
+            e.high.head
+        } else {
+            NIL
+        }
     }
 
     /// A cached block asked for a lower class by a later duplicate (another
@@ -276,7 +346,7 @@ impl BlockPool<'_> {
         let mut i = NIL;
         core::iter::from_fn(move || {
             while self.at(i).is_none() {
-                i = self.evict.get(c)?.head;
+                i = self.evict.all().get(c)?.head;
                 c += 1;
             }
             let s = self.at(i)?;
@@ -339,7 +409,7 @@ mod tests {
         }
         // Block 1, the oldest protected one, went to Normal's tail.
         assert_eq!(order(&p), [0, 1, 2, 3]);
-        assert_eq!(p.evict.map(|e| e.len), [0, 2, 2]);
+        assert_eq!(p.evict.all().map(|e| e.len), [0, 2, 2]);
         p.check_invariants().unwrap();
     }
 
