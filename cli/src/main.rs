@@ -481,6 +481,7 @@ fn simulate(args: Simulate) -> Result<()> {
                 block_hit_ratio: belady.block_hit_ratio,
                 token_hit_ratio: belady.token_hit_ratio,
                 request_hits: belady_hits.clone(),
+                samples: sim::reference_samples(&w, &belady_hits, timed),
                 ..RunResult::default()
             });
             continue;

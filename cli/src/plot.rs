@@ -65,6 +65,10 @@ where
             .draw()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         for (k, run) in runs.iter().enumerate() {
+            // The offline reference has a hit ratio, not a utilization.
+            if pick == 0 && run.policy == "belady" {
+                continue;
+            }
             let color = COLORS[k % COLORS.len()];
             let name = format!("{} / {}", run.policy, run.preempt);
             chart

@@ -567,6 +567,32 @@ fn finish<B: ManagedBackend>(
     res
 }
 
+/// The cumulative hit ratio of an offline reference whose per-request hits
+/// are `hits` (x: request index, or arrival second when `timed`).
+pub fn reference_samples(w: &Workload, hits: &[u32], timed: bool) -> Vec<Sample> {
+    let (mut h, mut refs) = (0u64, 0u64);
+    let samples = w
+        .requests
+        .iter()
+        .zip(hits)
+        .enumerate()
+        .map(|(i, (r, &n))| {
+            h += u64::from(n);
+            refs += r.keys.len() as u64;
+            Sample {
+                x: if timed { r.arrival_s } else { i as f64 },
+                utilization: 0.0,
+                hit_ratio: if refs == 0 {
+                    0.0
+                } else {
+                    h as f64 / refs as f64
+                },
+            }
+        })
+        .collect();
+    downsample(samples, 2000)
+}
+
 fn downsample(s: Vec<Sample>, max: usize) -> Vec<Sample> {
     if s.len() <= max {
         return s;
