@@ -21,8 +21,8 @@
 use std::collections::HashMap;
 
 use pagedkv_core::{
-    BlockHash, BlockId, CacheConfig, CacheSalt, Error, Fidelity, KvCache, PlanId, PoolId, Prompt,
-    SeqId, SipBlockHasher,
+    BlockHash, BlockId, CacheConfig, CacheSalt, Error, Fidelity, KvCache, KvEvent, PlanId, PoolId,
+    Prompt, SeqId, SipBlockHasher,
 };
 
 use crate::{cache_with, fingerprint};
@@ -217,6 +217,18 @@ pub struct Model {
     lossy_plans: Vec<PlanId>,
     mem: HashMap<(PoolId, BlockId), Content>,
     bases: [Vec<u32>; 3],
+    /// Chain parent of every key a pool published (from its events).
+    parents: HashMap<(PoolId, BlockHash), Option<BlockHash>>,
+    /// Keys the eviction order chose as victims.
+    policy_evictions: u64,
+    /// Keys published after a block their sequence computed a second time
+    /// (the first copy stayed the published one, held by another
+    /// sequence): no order can keep them behind that parent.
+    after_duplicate: std::collections::HashSet<(PoolId, BlockHash)>,
+    /// Since an operation that releases a chain out of order (a sliding
+    /// window, a move, a swap, an offload, a shrink), descendants may
+    /// rightly outlive their parents: the eviction check stops for the case.
+    reordered: bool,
 }
 
 fn rng(seed: u32) -> impl FnMut() -> u32 {
@@ -265,6 +277,10 @@ impl Model {
             lossy_plans: Vec::new(),
             mem: HashMap::new(),
             bases,
+            parents: HashMap::new(),
+            policy_evictions: 0,
+            after_duplicate: std::collections::HashSet::new(),
+            reordered: false,
         }
     }
 
@@ -381,7 +397,105 @@ impl Model {
                 "{op:?} failed with {e} but changed state"
             );
         }
+        self.check_evictions(op);
         self.check_all();
+    }
+
+    /// Reads the pools' events; when `op` only allocates or evicts the next
+    /// victim (so every key it removed was the eviction order's choice), no
+    /// removed key may be the parent of a key still indexed: a block is never
+    /// evicted before its descendants, under every eviction policy.
+    fn check_evictions(&mut self, op: &Op) {
+        let allocates = matches!(
+            op,
+            Op::Allocate { .. }
+                | Op::AllocateLen { .. }
+                | Op::AllocateKeys { .. }
+                | Op::AllocateChunk { .. }
+                | Op::AllocateHost
+                | Op::Append { .. }
+                | Op::Fork { .. }
+                | Op::Cow { .. }
+                | Op::Reserve { .. }
+                | Op::Evict { .. }
+        );
+        // Sequences holding an unpublished copy before published blocks.
+        for &seq in &self.order {
+            let (Ok(info), Ok(table)) = (self.cache.info(seq), self.cache.table(seq)) else {
+                continue;
+            };
+            let p = self.cache.pool(info.pool).unwrap();
+            let mut dup = false;
+            for &b in &table[info.first_live as usize..] {
+                match p.key_of(b).unwrap() {
+                    Some(k) if dup => {
+                        self.after_duplicate.insert((info.pool, k));
+                    }
+                    Some(_) => {}
+                    None => dup = true,
+                }
+            }
+        }
+        let mut removed = Vec::new();
+        for pool in [DEV[0], DEV[1], HOST] {
+            assert_eq!(self.cache.pool(pool).unwrap().events_lost(), 0);
+            while let Some(e) = self.cache.pop_event(pool).unwrap() {
+                match e {
+                    KvEvent::BlockStored { pool, parent, keys } => {
+                        let mut p = parent;
+                        for &k in keys.iter() {
+                            self.parents.insert((pool, k), p);
+                            p = Some(k);
+                        }
+                    }
+                    KvEvent::BlockRemoved { pool, keys } => {
+                        removed.extend(keys.iter().map(|&k| (pool, k)));
+                    }
+                    KvEvent::AllCleared { pool } => self.parents.retain(|(p, _), _| *p != pool),
+                }
+            }
+        }
+        if matches!(
+            op,
+            Op::Window { .. }
+                | Op::Shrink { .. }
+                | Op::Relocate { .. }
+                | Op::SwapOut { .. }
+                | Op::SwapIn { .. }
+                | Op::Move { .. }
+                | Op::Commit { .. }
+                | Op::Abort { .. }
+                | Op::SwapOutLossy { .. }
+                | Op::SwapInLossy { .. }
+                | Op::Offload { .. }
+                | Op::Promote { .. }
+        ) {
+            self.reordered = true;
+        }
+        if self.reordered || !allocates || removed.is_empty() {
+            return;
+        }
+        // A key evicted and published again in the same step is not gone.
+        removed.retain(|&(pool, k)| self.cache.pool(pool).unwrap().lookup(k).is_none());
+        self.policy_evictions += removed.len() as u64;
+        for (&(pool, k), &parent) in &self.parents {
+            let indexed = self.cache.pool(pool).unwrap().lookup(k).is_some();
+            if let Some(p) = parent
+                && indexed
+                && !self.after_duplicate.contains(&(pool, k))
+            {
+                assert!(
+                    !removed.contains(&(pool, p)),
+                    "{op:?} evicted {p:?} from {pool:?} before its child {k:?} ({:?})",
+                    self.cache.pool(pool).unwrap().eviction_policy()
+                );
+            }
+        }
+    }
+
+    /// Blocks the eviction order chose as victims so far.
+    pub fn policy_evictions(&self) -> u64 {
+        self.policy_evictions
     }
 
     fn apply(&mut self, op: &Op) -> Result<(), Error> {

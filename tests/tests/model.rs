@@ -60,6 +60,7 @@ fn cache_matches_model() {
     use proptest::test_runner::{Config, TestRunner};
     use std::sync::atomic::{AtomicU64, Ordering};
     static OPS: AtomicU64 = AtomicU64::new(0);
+    static EVICTIONS: AtomicU64 = AtomicU64::new(0);
     let config = Config {
         cases: cases().unwrap_or(3_500),
         max_shrink_iters: 20_000,
@@ -79,6 +80,7 @@ fn cache_matches_model() {
             }
             m.drain();
             OPS.fetch_add(ops.len() as u64, Ordering::Relaxed);
+            EVICTIONS.fetch_add(m.policy_evictions(), Ordering::Relaxed);
             Ok(())
         },
     );
@@ -86,9 +88,70 @@ fn cache_matches_model() {
         panic!("{e}");
     }
     let ops = OPS.load(Ordering::Relaxed);
-    println!("model test: {ops} operations checked");
+    let evictions = EVICTIONS.load(Ordering::Relaxed);
+    println!(
+        "model test: {ops} operations checked; {evictions} evictions checked against descendants"
+    );
     if cases().is_none() {
         assert!(ops >= 1_000_000, "only {ops} operations");
+    }
+}
+
+/// The model over operations that keep chains in order (no sliding window,
+/// move, swap, offload or shrink): every eviction the order chooses, under
+/// random eviction policies switched mid-run, is checked against the
+/// descendants still cached, on top of the model's own checks.
+#[test]
+fn evictions_never_orphan_descendants() {
+    use proptest::test_runner::{Config, TestRunner};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static EVICTIONS: AtomicU64 = AtomicU64::new(0);
+    let in_order = op().prop_map(|o| {
+        let reorders = matches!(
+            o,
+            Op::Window { .. }
+                | Op::Shrink { .. }
+                | Op::Relocate { .. }
+                | Op::SwapOut { .. }
+                | Op::SwapIn { .. }
+                | Op::Move { .. }
+                | Op::Commit { .. }
+                | Op::Abort { .. }
+                | Op::SwapOutLossy { .. }
+                | Op::SwapInLossy { .. }
+                | Op::Offload { .. }
+                | Op::Promote { .. }
+        );
+        // Replaced by a read-only lookup.
+        if reorders { Op::Lookup { pick: 0 } } else { o }
+    });
+    let config = Config {
+        cases: cases().map_or(600, |c| c / 4 + 1),
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let result = TestRunner::new(config).run(
+        &prop::collection::vec(
+            in_order,
+            1..=env("PAGEDKV_MODEL_MAX_OPS").unwrap_or(600) as usize,
+        ),
+        |ops| {
+            let mut m = Model::new();
+            for op in &ops {
+                m.step(op);
+            }
+            m.drain();
+            EVICTIONS.fetch_add(m.policy_evictions(), Ordering::Relaxed);
+            Ok(())
+        },
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let evictions = EVICTIONS.load(Ordering::Relaxed);
+    println!("eviction check: {evictions} evictions checked against descendants");
+    if cases().is_none() {
+        assert!(evictions >= 5_000, "only {evictions} evictions checked");
     }
 }
 

@@ -191,15 +191,7 @@ impl BlockPool<'_> {
         let slots = &self.slots;
         let key_of = |e: u32| slots.get(e as usize).map_or(BlockHash(0), BlockSlot::key);
         match self.index.insert(key, b.0, key_of) {
-            Insert::Exists(other) => {
-                // Another chain computed the same block: it may continue it.
-                match self.at_mut(other) {
-                    Some(o) if o.is_held() => o.a |= SHARED_BIT,
-                    Some(_) => self.unlow(other),
-                    None => {}
-                }
-                Ok(Registered::Duplicate(BlockId(other)))
-            }
+            Insert::Exists(other) => Ok(Registered::Duplicate(BlockId(other))),
             Insert::Full => Ok(Registered::IndexFull),
             Insert::Inserted => {
                 if let Some(s) = self.at_mut(b.0) {

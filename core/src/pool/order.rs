@@ -28,9 +28,14 @@
 //!   the deepest block, `High` only on the leading hits), and a parent loses
 //!   its last holder no earlier than its cached children did;
 //! - a block that was ever shared by a second holder (a hit on a held
-//!   block, a fork, a duplicate computation) is never `Low`, and is `High`
-//!   when the policy protects: another chain may continue it, and may have
-//!   cached its children as hits;
+//!   block, a fork, a shared prefix: its ancestors are shared too) is never
+//!   `Low`, and is `High` when the policy protects: another chain may
+//!   continue it, and may have cached its children as hits;
+//! - a change of policy merges the classes into one list, in order.
+//!
+//! One case no order can keep: two sequences that compute the same block at
+//! once. The second copy stays unpublished, and the second sequence's later
+//! blocks hang off the first copy, which the first sequence alone holds.
 //! - a `High` block pushed past the cap moves the oldest `High` block to the
 //!   tail of `Normal`: children leave `High` before their parents.
 #![allow(
@@ -189,20 +194,56 @@ impl BlockPool<'_> {
         self.ranked
     }
 
-    /// Sets how cached blocks are ordered for eviction. Blocks cached
-    /// already keep their place; the protected class sheds its excess at
-    /// its next push. Refuses a `protect_percent` above 100.
+    /// Sets how cached blocks are ordered for eviction. A change merges
+    /// the classes into one LRU list in their eviction order (`Low`, then
+    /// `Normal`, then `High`), so that no block ranked under the old policy
+    /// outlives a parent ranked under the new one: O(cached blocks).
+    /// Refuses a `protect_percent` above 100 (and changes nothing).
     pub fn set_eviction_policy(&mut self, p: EvictionPolicy) -> crate::Result<()> {
         if p.protect_percent > 100 {
             return Err(crate::Error::ProtectPercentTooLarge {
                 percent: p.protect_percent,
             });
         }
+        if p != self.policy {
+            self.merge_classes();
+        }
         self.policy = p;
-        // Blocks still in `Low` or `High` keep the classes in use.
-        let e = &self.evict;
-        self.ranked = p != EvictionPolicy::LRU || e.low.len > 0 || e.high.len > 0;
+        self.ranked = p != EvictionPolicy::LRU;
         Ok(())
+    }
+
+    /// Makes every cached block `Normal`, keeping the eviction order.
+    fn merge_classes(&mut self) {
+        let normal = (Retention::Normal as u32) << CLASS_SHIFT;
+        let ends = [self.evict.low, self.evict.normal, self.evict.high];
+        let mut tail = NIL;
+        let mut head = NIL;
+        for e in &ends {
+            // Relabel the list, then hang it after what came before.
+            let mut i = e.head;
+            while let Some(s) = self.at_mut(i) {
+                s.a = prev_of(s.a) | normal;
+                i = s.next();
+            }
+            if e.len == 0 {
+                continue;
+            }
+            match self.at_mut(tail) {
+                Some(t) => t.set(CACHED, e.head),
+                None => head = e.head,
+            }
+            if let Some(h) = self.at_mut(e.head) {
+                h.a = tail | normal;
+            }
+            tail = e.tail;
+        }
+        self.evict = Classes::EMPTY;
+        self.evict.normal = Ends {
+            head,
+            tail,
+            len: self.evict_len,
+        };
     }
 
     /// Blocks the protected class may hold.
@@ -328,18 +369,6 @@ impl BlockPool<'_> {
         }
     }
 
-    /// A cached block asked for a lower class by a later duplicate (another
-    /// chain continues it): out of `Low`.
-    pub(super) fn unlow(&mut self, i: u32) {
-        if self
-            .at(i)
-            .is_some_and(|s| s.state() == CACHED && class_of(s.a) == Retention::Low as usize)
-        {
-            self.evict_unlink(i);
-            self.evict_push_back(i, Retention::Normal as usize);
-        }
-    }
-
     /// The cached blocks in eviction order (the next victim first).
     pub fn eviction_order(&self) -> impl Iterator<Item = super::BlockId> + '_ {
         let mut c = 0;
@@ -396,6 +425,42 @@ mod tests {
             assert_eq!(first.0, want[0]);
             p.check_invariants().unwrap();
         }
+    }
+
+    #[test]
+    fn a_new_policy_merges_the_classes_in_eviction_order() {
+        let mut p = BlockPool::with_capacity(PoolConfig::device(0, 4), 8).unwrap();
+        p.set_eviction_policy(EvictionPolicy {
+            protect_percent: 100,
+            tail_first: true,
+        })
+        .unwrap();
+        let b = keyed(&mut p, 6);
+        for (k, want) in [
+            Retention::High,
+            Retention::Low,
+            Retention::Normal,
+            Retention::High,
+            Retention::Low,
+            Retention::Normal,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            p.release_as(b[k], want).unwrap();
+        }
+        let before = order(&p);
+        assert_eq!(before, [1, 4, 2, 5, 0, 3]);
+        p.set_eviction_policy(EvictionPolicy::LRU).unwrap();
+        assert_eq!(order(&p), before);
+        assert_eq!(p.evict.all().map(|e| e.len), [0, 6, 0]);
+        p.check_invariants().unwrap();
+        // Hits and evictions keep working on the merged list.
+        assert_eq!(p.acquire(BlockHash(102)), Some(b[2]));
+        assert_eq!(p.evict_one().unwrap().0, b[1]);
+        p.release(b[2]).unwrap();
+        assert_eq!(order(&p), [4, 5, 0, 3, 2]);
+        p.check_invariants().unwrap();
     }
 
     #[test]
