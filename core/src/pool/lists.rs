@@ -145,7 +145,7 @@ impl BlockPool<'_> {
     /// past `capacity`).
     #[inline(always)]
     pub(super) fn unheld(&mut self, i: u32, want: Retention) {
-        let Some(keyed) = self.at(i).map(|s| s.state() == USED_KEYED) else {
+        let Some((keyed, a)) = self.at(i).map(|s| (s.state() == USED_KEYED, s.a)) else {
             return;
         };
         self.held -= 1;
@@ -157,7 +157,7 @@ impl BlockPool<'_> {
                 s.set(FREE, NIL);
             }
         } else if keyed {
-            self.cache_block(i, want);
+            self.cache_block(i, want, a & SHARED_BIT != 0);
         } else {
             self.free_push(i);
         }

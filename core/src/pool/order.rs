@@ -43,7 +43,6 @@
     reason = "class indices are 0..3 and links fit in 30 bits"
 )]
 
-use super::lists::SHARED_BIT;
 use super::{BlockPool, CACHED, LINK_MASK, NIL};
 
 /// Classes of the eviction order.
@@ -252,22 +251,21 @@ impl BlockPool<'_> {
         (u64::from(self.online) * u64::from(self.policy.protect_percent) / 100) as u32
     }
 
-    /// A keyed block lost its last holder: to the tail of its class.
+    /// A keyed block lost its last holder (`shared`: it had a second
+    /// holder once): to the tail of its class.
     #[inline(always)]
-    pub(super) fn cache_block(&mut self, i: u32, want: Retention) {
+    pub(super) fn cache_block(&mut self, i: u32, want: Retention, shared: bool) {
         if !self.ranked {
             // LRU, the common case: as cheap as a single list.
             self.evict_push_back(i, Retention::Normal as usize);
         } else {
-            self.cache_ranked(i, want);
+            self.cache_ranked(i, want, shared);
         }
     }
 
     /// [`cache_block`](Self::cache_block) under a policy with classes.
     #[inline(never)]
-    fn cache_ranked(&mut self, i: u32, want: Retention) {
-        // The block's count is zero; its shared bit is still there.
-        let shared = self.at(i).is_some_and(|s| s.a & SHARED_BIT != 0);
+    fn cache_ranked(&mut self, i: u32, want: Retention, shared: bool) {
         let c = self.policy.class(want, shared);
         self.evict_push_back(i, c as usize);
         if c == Retention::High {
