@@ -471,11 +471,14 @@ fn simulate(args: Simulate) -> Result<()> {
     );
     budget.check(&need)?;
     let ideal = sim::ideal(&w, timed);
-    let (belady, belady_hits) = sim::belady(&w, device, timed);
+    let (belady, belady_hits) = sim::belady(&w, &cfg);
     let mut runs = Vec::new();
     for (name, policy) in &policies {
         let Some(policy) = *policy else {
+            let rejected = w.requests.iter().filter(|r| !cfg.fits(r, bs));
             runs.push(RunResult {
+                rejected: rejected.clone().count() as u64,
+                rejected_blocks: rejected.map(|r| r.keys.len() as u64).sum(),
                 policy: "belady".into(),
                 preempt: "-".into(),
                 block_hit_ratio: belady.block_hit_ratio,

@@ -323,10 +323,13 @@ fn ratio(hits: u64, refs: u64, ht: u64, qt: u64) -> Reference {
     }
 }
 
-/// Belady's offline optimum for `capacity` blocks, requests one at a time,
-/// the in-flight request's blocks pinned: on a miss, evict the cached block
-/// whose next use is farthest in the future. `outputs` as for [`ideal`].
-pub fn belady(w: &Workload, capacity: u32, outputs: bool) -> (Reference, Vec<u32>) {
+/// Belady's offline optimum for the device of `cfg`, requests one at a
+/// time, the in-flight request's blocks pinned: on a miss, evict the cached
+/// block whose next use is farthest in the future. Requests a real server
+/// rejects ([`SimConfig::fits`]) are misses here too, and cache nothing.
+/// In timed mode requests store their output blocks (as for [`ideal`]).
+pub fn belady(w: &Workload, cfg: &SimConfig) -> (Reference, Vec<u32>) {
+    let (capacity, outputs) = (cfg.capacity_blocks, cfg.timed);
     let n = w.requests.len();
     const NEVER: usize = usize::MAX;
     // next[i][k]: the next request after i that looks up stored key k of request i.
@@ -349,12 +352,16 @@ pub fn belady(w: &Workload, capacity: u32, outputs: bool) -> (Reference, Vec<u32
     let (mut hits, mut refs, mut ht, mut qt) = (0u64, 0u64, 0u64, 0u64);
     let mut per = Vec::with_capacity(n);
     for (i, r) in w.requests.iter().enumerate() {
+        refs += r.keys.len() as u64;
+        qt += r.prompt_len(w.tokens_per_block);
+        if !cfg.fits(r, w.tokens_per_block) {
+            per.push(0);
+            continue;
+        }
         let h = r.keys.iter().take_while(|k| cached.contains_key(k)).count() as u64;
         per.push(u32::try_from(h).unwrap_or(u32::MAX));
         hits += h;
-        refs += r.keys.len() as u64;
         ht += hit_tokens(r, h, w.tokens_per_block);
-        qt += r.prompt_len(w.tokens_per_block);
         // Pin the request's blocks (as many as fit).
         let blocks: Vec<u128> = stored(r, outputs).copied().collect();
         let keep = blocks.len().min(cap);

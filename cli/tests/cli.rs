@@ -564,6 +564,16 @@ fn agentic_sessions_replay_from_their_directory() {
         lru["rejected"].as_u64().unwrap() > 0,
         "some requests exceed 5%"
     );
+    // The optimum rejects them too (no hits credited to a request no
+    // server could take).
+    let belady = v["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["policy"] == "belady")
+        .unwrap();
+    assert_eq!(belady["rejected"], lru["rejected"]);
+    assert_eq!(belady["rejected_blocks"], lru["rejected_blocks"]);
     let (l, b) = (run_ratio(&v, "lru"), run_ratio(&v, "belady"));
     assert!(0.2 < l && l < b && b < ideal, "{l} {b} {ideal}");
     // Arrivals are seeded: the same seed replays the same, another seed or
