@@ -130,42 +130,30 @@ impl Ends {
     };
 }
 
-/// The three classes' lists (named fields: no index checks on hot paths).
+/// The three classes' lists, indexed by class (a fourth, never used, makes
+/// every two-bit class value an index: no branch, no bounds check).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Classes {
-    low: Ends,
-    normal: Ends,
-    high: Ends,
-}
+pub(super) struct Classes([Ends; 4]);
 
+#[allow(
+    clippy::indexing_slicing,
+    reason = "indices are masked to 0..4, the array's length"
+)]
 impl Classes {
-    pub(super) const EMPTY: Self = Self {
-        low: Ends::EMPTY,
-        normal: Ends::EMPTY,
-        high: Ends::EMPTY,
-    };
+    pub(super) const EMPTY: Self = Self([Ends::EMPTY; 4]);
 
-    /// Class `c`'s list (`c` comes from two bits: 3 never occurs, and reads
-    /// as `High`).
+    /// Class `c`'s list.
     #[inline(always)]
     pub(super) fn get(&self, c: usize) -> &Ends {
-        match c {
-            0 => &self.low,
-            1 => &self.normal,
-            _ => &self.high,
-        }
+        &self.0[c & 3]
     }
     #[inline(always)]
     fn get_mut(&mut self, c: usize) -> &mut Ends {
-        match c {
-            0 => &mut self.low,
-            1 => &mut self.normal,
-            _ => &mut self.high,
-        }
+        &mut self.0[c & 3]
     }
     /// Every class, in eviction order.
     pub(super) fn all(&self) -> [&Ends; CLASSES] {
-        [&self.low, &self.normal, &self.high]
+        [&self.0[0], &self.0[1], &self.0[2]]
     }
 }
 
@@ -215,7 +203,7 @@ impl BlockPool<'_> {
     /// Makes every cached block `Normal`, keeping the eviction order.
     fn merge_classes(&mut self) {
         let normal = (Retention::Normal as u32) << CLASS_SHIFT;
-        let ends = [self.evict.low, self.evict.normal, self.evict.high];
+        let ends = self.evict.all().map(|e| *e);
         let mut tail = NIL;
         let mut head = NIL;
         for e in &ends {
@@ -238,7 +226,7 @@ impl BlockPool<'_> {
             tail = e.tail;
         }
         self.evict = Classes::EMPTY;
-        self.evict.normal = Ends {
+        *self.evict.get_mut(Retention::Normal as usize) = Ends {
             head,
             tail,
             len: self.evict_len,
@@ -269,7 +257,7 @@ impl BlockPool<'_> {
         let c = self.policy.class(want, shared);
         self.evict_push_back(i, c as usize);
         if c == Retention::High {
-            let Ends { head, len, .. } = self.evict.high;
+            let Ends { head, len, .. } = *self.evict.get(Retention::High as usize);
             if len > self.protect_cap() {
                 self.evict_unlink(head);
                 self.evict_push_back(head, Retention::Normal as usize);
@@ -354,16 +342,17 @@ impl BlockPool<'_> {
     #[inline]
     pub(super) fn victim(&self) -> u32 {
         let e = &self.evict;
+        let normal = e.get(Retention::Normal as usize);
         if !self.ranked {
-            e.normal.head
-        } else if e.low.len > 0 {
-            e.low.head
-        } else if e.normal.len > 0 {
-            e.normal.head
-        } else if e.high.len > 0 {
-            e.high.head
+            return normal.head;
+        }
+        let low = e.get(Retention::Low as usize);
+        if low.len > 0 {
+            low.head
+        } else if normal.len > 0 {
+            normal.head
         } else {
-            NIL
+            e.get(Retention::High as usize).head
         }
     }
 
