@@ -231,6 +231,29 @@ pub struct Model {
     reordered: bool,
 }
 
+impl Op {
+    /// Whether the operation may release a chain out of order (a sliding
+    /// window, a move, a swap, an offload, a shrink): descendants may then
+    /// rightly outlive their parents.
+    pub fn reorders_chains(&self) -> bool {
+        matches!(
+            self,
+            Op::Window { .. }
+                | Op::Shrink { .. }
+                | Op::Relocate { .. }
+                | Op::SwapOut { .. }
+                | Op::SwapIn { .. }
+                | Op::Move { .. }
+                | Op::Commit { .. }
+                | Op::Abort { .. }
+                | Op::SwapOutLossy { .. }
+                | Op::SwapInLossy { .. }
+                | Op::Offload { .. }
+                | Op::Promote { .. }
+        )
+    }
+}
+
 fn rng(seed: u32) -> impl FnMut() -> u32 {
     let mut x = u64::from(seed) | 1;
     move || {
@@ -455,21 +478,7 @@ impl Model {
                 }
             }
         }
-        if matches!(
-            op,
-            Op::Window { .. }
-                | Op::Shrink { .. }
-                | Op::Relocate { .. }
-                | Op::SwapOut { .. }
-                | Op::SwapIn { .. }
-                | Op::Move { .. }
-                | Op::Commit { .. }
-                | Op::Abort { .. }
-                | Op::SwapOutLossy { .. }
-                | Op::SwapInLossy { .. }
-                | Op::Offload { .. }
-                | Op::Promote { .. }
-        ) {
+        if op.reorders_chains() {
             self.reordered = true;
         }
         if self.reordered || !allocates || removed.is_empty() {

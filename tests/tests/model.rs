@@ -107,21 +107,7 @@ fn evictions_never_orphan_descendants() {
     use std::sync::atomic::{AtomicU64, Ordering};
     static EVICTIONS: AtomicU64 = AtomicU64::new(0);
     let in_order = op().prop_map(|o| {
-        let reorders = matches!(
-            o,
-            Op::Window { .. }
-                | Op::Shrink { .. }
-                | Op::Relocate { .. }
-                | Op::SwapOut { .. }
-                | Op::SwapIn { .. }
-                | Op::Move { .. }
-                | Op::Commit { .. }
-                | Op::Abort { .. }
-                | Op::SwapOutLossy { .. }
-                | Op::SwapInLossy { .. }
-                | Op::Offload { .. }
-                | Op::Promote { .. }
-        );
+        let reorders = o.reorders_chains();
         // Replaced by a read-only lookup.
         if reorders { Op::Lookup { pick: 0 } } else { o }
     });
