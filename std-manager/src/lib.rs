@@ -4,6 +4,8 @@ pub mod engine;
 mod error;
 mod manager;
 pub mod policy;
+#[cfg(feature = "redis")]
+pub mod remote;
 mod traits;
 mod types;
 

@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod faulty;
 pub mod manager_model;
 pub mod model;
+pub mod redis_server;
 pub mod transformer;
 
 use pagedkv_core::{
