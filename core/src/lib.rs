@@ -54,7 +54,7 @@ mod tier;
 pub use batch::{BatchValidator, BlockCopy, ValidatedBatch, validator_words};
 pub use cache::{CacheConfig, CacheStorage, HOLE, KvCache, MAX_POOLS, SeqInfo, SeqSlot};
 pub use error::{Error, Result};
-pub use events::{KeyBatch, KvEvent};
+pub use events::{KeyBatch, KvEvent, TOKENS_PER_EVENT, TokenBatch};
 pub use hal::{Backend, BackendError, ErrorKind, MemoryKind, QuantFormat, Quantize, RegionDesc};
 pub use hash::{BlockHasher, ExtraKeys, MmItem, Sha256BlockHasher, SipBlockHasher};
 pub use ids::{BlockHash, BlockId, CacheSalt, PlanId, PoolId, SeqId, Tick};

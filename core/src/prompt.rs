@@ -176,6 +176,18 @@ impl<'p, 'h, H: BlockHasher> KeyChain<'p, 'h, H> {
         matches!(self.source, Source::Ids(_))
     }
 
+    /// The token ids of block `i` (empty unless the prompt gave them).
+    #[inline]
+    pub(crate) fn tokens(&self, i: u32) -> &'p [u32] {
+        match self.source {
+            Source::Ids(t) => {
+                let s = (i * self.bs) as usize;
+                t.get(s..s + self.bs as usize).unwrap_or(&[])
+            }
+            _ => &[],
+        }
+    }
+
     /// The key of block `i` (`i < matchable`) whose parent key is `parent`.
     #[inline]
     pub(crate) fn key(&self, i: u32, parent: BlockHash) -> BlockHash {

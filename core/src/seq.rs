@@ -148,7 +148,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
                 .get(keyed as usize)
                 .or(fresh_row.get((keyed - hits) as usize))
             {
-                let _ = p.register(b, key, parent);
+                let _ = p.register_tokens(b, key, parent, chain.tokens(keyed));
             }
             tip = key;
             keyed += 1;
@@ -330,7 +330,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
                         let key = hasher.hash_block(slot.tip, pend, kb * bs, &extra);
                         let parent = (kb > 0).then_some(slot.tip);
                         if let Some(&b) = row.get(kb as usize) {
-                            let _ = p.register(b, key, parent);
+                            let _ = p.register_tokens(b, key, parent, pend);
                         }
                         slot.tip = key;
                         slot.keyed_blocks += 1;

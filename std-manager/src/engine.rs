@@ -163,6 +163,11 @@ pub enum ManagerEvent {
         parent: Option<BlockHash>,
         /// The keys, in chain order.
         keys: Vec<BlockHash>,
+        /// Their token ids (`keys.len() * block_size`), or empty where not
+        /// known (see [`KvEvent::BlockStored`]).
+        tokens: Vec<u32>,
+        /// Tokens per block.
+        block_size: u32,
     },
     /// Blocks no longer cached there.
     Removed {
@@ -189,10 +194,18 @@ impl ManagerEvent {
     /// The event of core event `e` in `tier`.
     pub(crate) fn from_core(e: KvEvent, tier: Tier) -> Self {
         match e {
-            KvEvent::BlockStored { parent, keys, .. } => ManagerEvent::Stored {
+            KvEvent::BlockStored {
+                parent,
+                keys,
+                tokens,
+                block_size,
+                ..
+            } => ManagerEvent::Stored {
                 tier,
                 parent,
                 keys: keys.to_vec(),
+                tokens: tokens.to_vec(),
+                block_size,
             },
             KvEvent::BlockRemoved { keys, .. } => ManagerEvent::Removed {
                 tier,
@@ -205,7 +218,7 @@ impl ManagerEvent {
 
 #[cfg(test)]
 mod tests {
-    use pagedkv_core::{KeyBatch, PoolId};
+    use pagedkv_core::{KeyBatch, PoolId, PoolKind, TokenBatch};
 
     use super::*;
 
@@ -224,6 +237,9 @@ mod tests {
             pool: PoolId(3),
             parent: Some(BlockHash(9)),
             keys: keys(&[1, 2]),
+            tokens: TokenBatch::from_slice(&[5, 6, 7, 8]).unwrap(),
+            block_size: 2,
+            medium: PoolKind::Device,
         };
         assert_eq!(
             ManagerEvent::from_core(stored, tier),
@@ -231,11 +247,14 @@ mod tests {
                 tier,
                 parent: Some(BlockHash(9)),
                 keys: vec![BlockHash(1), BlockHash(2)],
+                tokens: vec![5, 6, 7, 8],
+                block_size: 2,
             }
         );
         let removed = KvEvent::BlockRemoved {
             pool: PoolId(3),
             keys: keys(&[2]),
+            medium: PoolKind::Host,
         };
         assert_eq!(
             ManagerEvent::from_core(removed, Tier::Host),

@@ -464,14 +464,16 @@ impl Model {
             assert_eq!(self.cache.pool(pool).unwrap().events_lost(), 0);
             while let Some(e) = self.cache.pop_event(pool).unwrap() {
                 match e {
-                    KvEvent::BlockStored { pool, parent, keys } => {
+                    KvEvent::BlockStored {
+                        pool, parent, keys, ..
+                    } => {
                         let mut p = parent;
                         for &k in keys.iter() {
                             self.parents.insert((pool, k), p);
                             p = Some(k);
                         }
                     }
-                    KvEvent::BlockRemoved { pool, keys } => {
+                    KvEvent::BlockRemoved { pool, keys, .. } => {
                         removed.extend(keys.iter().map(|&k| (pool, k)));
                     }
                     KvEvent::AllCleared { pool } => self.parents.retain(|(p, _), _| *p != pool),

@@ -1,7 +1,9 @@
 //! What an engine relies on, one behaviour per test.
 #![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
-use pagedkv_core::{BlockHash, CacheConfig, CacheSalt, HOLE, KvEvent, MmItem, PoolId, Prompt};
+use pagedkv_core::{
+    BlockHash, CacheConfig, CacheSalt, HOLE, KvEvent, MmItem, PoolId, PoolKind, Prompt,
+};
 use pagedkv_tests::cache_with;
 
 const BS: u32 = 4;
@@ -229,17 +231,41 @@ fn events_mirror_the_index_for_a_router() {
             pool: p,
             parent: None,
             keys: k,
+            tokens,
+            block_size,
+            medium,
         }) => {
             assert_eq!(p, GPU);
             assert_eq!(&k[..], &keys[..], "one chain, one event");
+            assert_eq!(&tokens[..], &toks(12, 7)[..], "the blocks' token ids");
+            assert_eq!((block_size, medium), (BS, PoolKind::Device));
         }
         e => panic!("unexpected {e:?}"),
     }
+    // A block filled by decode is stored with the tokens that filled it.
+    c.append(a, &[70, 71, 72, 73]).unwrap();
+    let fourth = match c.pop_event(GPU).unwrap() {
+        Some(KvEvent::BlockStored {
+            parent,
+            tokens,
+            keys: k,
+            ..
+        }) => {
+            assert_eq!(parent, Some(keys[2]));
+            assert_eq!(&tokens[..], &[70, 71, 72, 73]);
+            assert_eq!(k.len(), 1);
+            k[0]
+        }
+        e => panic!("unexpected {e:?}"),
+    };
     c.free(a).unwrap();
     c.allocate(GPU, &Prompt::len(3 * BS)).unwrap();
     match c.pop_event(GPU).unwrap() {
-        Some(KvEvent::BlockRemoved { keys: k, .. }) => {
-            assert_eq!(&k[..], &[keys[2], keys[1]], "tail evicted first");
+        Some(KvEvent::BlockRemoved {
+            keys: k, medium, ..
+        }) => {
+            assert_eq!(medium, PoolKind::Device);
+            assert_eq!(&k[..], &[fourth, keys[2], keys[1]], "tail evicted first");
         }
         e => panic!("unexpected {e:?}"),
     }

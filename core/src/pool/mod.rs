@@ -436,6 +436,6 @@ impl<'a> BlockPool<'a> {
         };
         let removed = self.index.remove(key, i);
         debug_assert!(removed);
-        self.events.removed(self.config.id, key);
+        self.events.removed(self.config.id, self.config.kind, key);
     }
 }

@@ -177,6 +177,18 @@ impl BlockPool<'_> {
         key: BlockHash,
         parent: Option<BlockHash>,
     ) -> Result<Registered> {
+        self.register_tokens(b, key, parent, &[])
+    }
+
+    /// [`register`](Self::register), with the block's token ids for the
+    /// stored event (see [`KvEvent::BlockStored`]).
+    pub fn register_tokens(
+        &mut self,
+        b: BlockId,
+        key: BlockHash,
+        parent: Option<BlockHash>,
+        tokens: &[u32],
+    ) -> Result<Registered> {
         let s = self.slot(b)?;
         match s.state() {
             USED => {}
@@ -197,7 +209,9 @@ impl BlockPool<'_> {
                 if let Some(s) = self.at_mut(b.0) {
                     s.set(USED_KEYED, 0);
                 }
-                self.events.stored(self.config.id, parent, key);
+                let c = &self.config;
+                self.events
+                    .stored((c.id, c.kind, c.tokens_per_block), parent, key, tokens);
                 Ok(Registered::Stored)
             }
         }
