@@ -2,6 +2,8 @@
 
 pub mod engine;
 mod error;
+#[cfg(feature = "kv-events")]
+pub mod kv_events;
 mod manager;
 pub mod policy;
 #[cfg(feature = "redis")]

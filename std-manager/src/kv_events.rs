@@ -1,0 +1,361 @@
+//! The manager's cache events on the wire in vLLM's format, for KV-aware
+//! routers that read vLLM's KV events (NVIDIA Dynamo's, llm-d's):
+//!
+//! - **Frames**: a ZeroMQ PUB socket sends each batch as three frames:
+//!   topic, sequence number (8 bytes, big-endian, from 0), payload.
+//! - **Payload**: a msgpack `KVEventBatch` as vLLM's msgspec structs encode
+//!   it: a map `{ts, events, data_parallel_rank}` whose events are maps
+//!   tagged by `type`: `BlockStored{block_hashes, parent_block_hash,
+//!   token_ids, block_size, lora_id, medium, lora_name}`,
+//!   `BlockRemoved{block_hashes, medium}`, `AllBlocksCleared{}`. Block
+//!   hashes are the core's 128-bit keys as 16 big-endian bytes; `medium` is
+//!   `"GPU"` for a device, `"CPU"` for the host tier.
+//! - **Replay**: a ROUTER socket answers a request holding a start sequence
+//!   number (8 bytes, big-endian) with every buffered batch from there, each
+//!   `[seq, payload]`, then `[-1, empty]`; the last `buffer_steps` batches
+//!   are kept.
+//!
+//! The manager's own events map as follows: `Stored`, `Removed` and
+//! `Cleared` one to one; `Lost` (the core's queue overflowed, so the router's
+//! mirror is incomplete) as `AllBlocksCleared`, which makes the router forget
+//! this replica's blocks rather than trust a mirror with holes; `Preempted`
+//! is not a cache event and is not sent.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use pagedkv_core::BlockHash;
+use tokio::sync::mpsc;
+use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::engine::{ManagerEvent, Tier};
+
+/// The replay protocol's end-of-replay sequence number.
+pub const END_SEQ: i64 = -1;
+
+/// Where and how events are published.
+#[derive(Clone, Debug)]
+pub struct PublisherConfig {
+    /// The PUB socket's address (`tcp://127.0.0.1:5557`; port 0 picks one).
+    pub endpoint: String,
+    /// The ROUTER socket for replay requests, if any.
+    pub replay_endpoint: Option<String>,
+    /// The topic frame.
+    pub topic: String,
+    /// Batches kept for replay.
+    pub buffer_steps: usize,
+    /// This replica's data-parallel rank, in every batch.
+    pub data_parallel_rank: Option<u32>,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "tcp://127.0.0.1:5557".into(),
+            replay_endpoint: Some("tcp://127.0.0.1:5558".into()),
+            topic: String::new(),
+            buffer_steps: 10_000,
+            data_parallel_rank: None,
+        }
+    }
+}
+
+/// Why the publisher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// A socket could not bind.
+    #[error("binding {endpoint}: {reason}")]
+    Bind {
+        /// The address.
+        endpoint: String,
+        /// What ZeroMQ said.
+        reason: String,
+    },
+    /// The publisher's thread could not start.
+    #[error("starting the publisher: {0}")]
+    Runtime(String),
+}
+
+fn hash(out: &mut Vec<u8>, k: BlockHash) {
+    let _ = rmp::encode::write_bin(out, &k.0.to_be_bytes());
+}
+
+/// An array header (lengths here are events per batch, at most
+/// `KEYS_PER_EVENT` keys and `TOKENS_PER_EVENT` tokens per event).
+fn arr(out: &mut Vec<u8>, n: usize) {
+    let _ = rmp::encode::write_array_len(out, u32::try_from(n).unwrap_or(u32::MAX));
+}
+
+fn medium(t: Tier) -> &'static str {
+    match t {
+        Tier::Device(_) => "GPU",
+        Tier::Host => "CPU",
+    }
+}
+
+fn str_(out: &mut Vec<u8>, s: &str) {
+    let _ = rmp::encode::write_str(out, s);
+}
+
+/// Encodes `events` as one vLLM `KVEventBatch` at time `ts` (seconds since
+/// the Unix epoch); `None` when none of them is a cache event.
+pub fn encode_batch(ts: f64, events: &[ManagerEvent], dp_rank: Option<u32>) -> Option<Vec<u8>> {
+    let wire: Vec<&ManagerEvent> = events
+        .iter()
+        .filter(|e| !matches!(e, ManagerEvent::Preempted(_)))
+        .collect();
+    if wire.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(64 + 96 * wire.len());
+    let _ = rmp::encode::write_map_len(&mut out, 2 + u32::from(dp_rank.is_some()));
+    str_(&mut out, "ts");
+    let _ = rmp::encode::write_f64(&mut out, ts);
+    str_(&mut out, "events");
+    arr(&mut out, wire.len());
+    for e in wire {
+        match e {
+            ManagerEvent::Stored {
+                tier,
+                parent,
+                keys,
+                tokens,
+                block_size,
+            } => {
+                let _ = rmp::encode::write_map_len(&mut out, 8);
+                str_(&mut out, "type");
+                str_(&mut out, "BlockStored");
+                str_(&mut out, "block_hashes");
+                arr(&mut out, keys.len());
+                for &k in keys {
+                    hash(&mut out, k);
+                }
+                str_(&mut out, "parent_block_hash");
+                match parent {
+                    Some(p) => hash(&mut out, *p),
+                    None => {
+                        let _ = rmp::encode::write_nil(&mut out);
+                    }
+                }
+                str_(&mut out, "token_ids");
+                arr(&mut out, tokens.len());
+                for &t in tokens {
+                    let _ = rmp::encode::write_uint(&mut out, u64::from(t));
+                }
+                str_(&mut out, "block_size");
+                let _ = rmp::encode::write_uint(&mut out, u64::from(*block_size));
+                str_(&mut out, "lora_id");
+                let _ = rmp::encode::write_nil(&mut out);
+                str_(&mut out, "medium");
+                str_(&mut out, medium(*tier));
+                str_(&mut out, "lora_name");
+                let _ = rmp::encode::write_nil(&mut out);
+            }
+            ManagerEvent::Removed { tier, keys } => {
+                let _ = rmp::encode::write_map_len(&mut out, 3);
+                str_(&mut out, "type");
+                str_(&mut out, "BlockRemoved");
+                str_(&mut out, "block_hashes");
+                arr(&mut out, keys.len());
+                for &k in keys {
+                    hash(&mut out, k);
+                }
+                str_(&mut out, "medium");
+                str_(&mut out, medium(*tier));
+            }
+            ManagerEvent::Cleared { .. } | ManagerEvent::Lost { .. } => {
+                let _ = rmp::encode::write_map_len(&mut out, 1);
+                str_(&mut out, "type");
+                str_(&mut out, "AllBlocksCleared");
+            }
+            ManagerEvent::Preempted(_) => {}
+        }
+    }
+    if let Some(r) = dp_rank {
+        str_(&mut out, "data_parallel_rank");
+        let _ = rmp::encode::write_uint(&mut out, u64::from(r));
+    }
+    Some(out)
+}
+
+/// Publishes batches of events (ZMQ PUB) and serves replays (ZMQ ROUTER)
+/// from a thread of its own; [`publish`](Self::publish) never waits.
+pub struct KvEventPublisher {
+    tx: mpsc::UnboundedSender<(u64, Bytes)>,
+    next: AtomicU64,
+    endpoint: String,
+    replay_endpoint: Option<String>,
+    rank: Option<u32>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for KvEventPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvEventPublisher")
+            .field("endpoint", &self.endpoint)
+            .field("replay_endpoint", &self.replay_endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KvEventPublisher {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn bind_err(endpoint: &str, e: impl std::fmt::Display) -> PublishError {
+    PublishError::Bind {
+        endpoint: endpoint.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl KvEventPublisher {
+    /// Binds the sockets and starts the publisher.
+    pub fn bind(cfg: PublisherConfig) -> Result<Self, PublishError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("pagedkv-events")
+            .enable_all()
+            .build()
+            .map_err(|e| PublishError::Runtime(e.to_string()))?;
+        // Bound from a thread of its own: the caller may be inside a runtime.
+        let bound = std::thread::scope(|s| {
+            s.spawn(|| rt.block_on(bind_sockets(&cfg)))
+                .join()
+                .unwrap_or_else(|_| Err(PublishError::Runtime("binding panicked".into())))
+        });
+        let (publisher, endpoint, router, replay_endpoint) = bound?;
+        let (tx, rx) = mpsc::unbounded_channel();
+
+        let topic = Bytes::from(cfg.topic.into_bytes());
+        rt.spawn(serve(publisher, router, rx, topic, cfg.buffer_steps.max(1)));
+        Ok(Self {
+            tx,
+            next: AtomicU64::new(0),
+            endpoint,
+            replay_endpoint,
+            rank: cfg.data_parallel_rank,
+            rt: Some(rt),
+        })
+    }
+
+    /// The PUB socket's address (with the port chosen).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The replay socket's address.
+    pub fn replay_endpoint(&self) -> Option<&str> {
+        self.replay_endpoint.as_deref()
+    }
+
+    /// Publishes `events` (as drained from [`KvManager::drain_events`]) as
+    /// one batch; returns its sequence number, or `None` when none of them
+    /// goes on the wire. Encodes here; sends from the publisher's thread.
+    ///
+    /// [`KvManager::drain_events`]: crate::KvManager::drain_events
+    pub fn publish(&self, events: &[ManagerEvent]) -> Option<u64> {
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let payload = encode_batch(ts, events, self.rank)?;
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        self.tx.send((seq, Bytes::from(payload))).ok()?;
+        Some(seq)
+    }
+}
+
+type Bound = (PubSocket, String, Option<RouterSocket>, Option<String>);
+
+async fn bind_sockets(cfg: &PublisherConfig) -> Result<Bound, PublishError> {
+    let mut p = PubSocket::new();
+    let ep = p
+        .bind(&cfg.endpoint)
+        .await
+        .map_err(|e| bind_err(&cfg.endpoint, e))?;
+    let (r, rep) = match &cfg.replay_endpoint {
+        Some(addr) => {
+            let mut r = RouterSocket::new();
+            let ep = r.bind(addr).await.map_err(|e| bind_err(addr, e))?;
+            (Some(r), Some(ep.to_string()))
+        }
+        None => (None, None),
+    };
+    Ok((p, ep.to_string(), r, rep))
+}
+
+fn msg(frames: Vec<Bytes>) -> Option<ZmqMessage> {
+    ZmqMessage::try_from(frames).ok()
+}
+
+async fn serve(
+    mut publisher: PubSocket,
+    router: Option<RouterSocket>,
+    mut rx: mpsc::UnboundedReceiver<(u64, Bytes)>,
+    topic: Bytes,
+    keep: usize,
+) {
+    let mut buffer: VecDeque<(u64, Bytes)> = VecDeque::new();
+    let (mut rsend, mut rrecv) = match router {
+        Some(r) => {
+            let (s, r) = r.split();
+            (Some(s), Some(r))
+        }
+        None => (None, None),
+    };
+    loop {
+        let replay = async {
+            match rrecv.as_mut() {
+                Some(r) => r.recv().await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            batch = rx.recv() => {
+                let Some((seq, payload)) = batch else { return };
+                let frames = vec![topic.clone(), Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone()];
+                if let Some(m) = msg(frames) {
+                    // A PUB socket drops for subscribers that are not keeping
+                    // up; replay is how they catch up.
+                    let _ = publisher.send(m).await;
+                }
+                if buffer.len() == keep {
+                    buffer.pop_front();
+                }
+                buffer.push_back((seq, payload));
+            }
+            req = replay => {
+                let (Some(req), Some(s)) = (req, rsend.as_mut()) else { continue };
+                let frames = req.into_vec();
+                // [identity, empty delimiter, start seq] (a REQ client), or
+                // [identity, start seq] (a DEALER).
+                let (Some(id), Some(start)) = (frames.first(), frames.last()) else { continue };
+                let Ok(start) = <[u8; 8]>::try_from(start.as_ref()) else { continue };
+                let start = u64::from_be_bytes(start);
+                let delim = frames.len() == 3;
+                let reply = |a: Bytes, b: Bytes| {
+                    let mut f = vec![id.clone()];
+                    if delim {
+                        f.push(Bytes::new());
+                    }
+                    f.extend([a, b]);
+                    msg(f)
+                };
+                for (seq, payload) in buffer.iter().filter(|(q, _)| *q >= start) {
+                    if let Some(m) = reply(Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone()) {
+                        let _ = s.send(m).await;
+                    }
+                }
+                if let Some(m) = reply(Bytes::copy_from_slice(&END_SEQ.to_be_bytes()), Bytes::new()) {
+                    let _ = s.send(m).await;
+                }
+            }
+        }
+    }
+}
