@@ -14,5 +14,6 @@ pub mod keys;
 #[cfg(feature = "cli")]
 pub mod plot;
 pub mod policy;
+pub mod replicas;
 pub mod sim;
 pub mod workload;

@@ -21,6 +21,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagedkv_cli::check::{Budget, Need};
 use pagedkv_cli::plot;
 use pagedkv_cli::policy::{block_policy, gap_closed};
+use pagedkv_cli::replicas::{ReplicaRun, Router};
 use pagedkv_cli::sim::{self, CostModel, OfferedLoad, Reference, RunResult, SimConfig};
 use pagedkv_cli::workload::{self, Limits};
 use pagedkv_core::{BlockOrder, DType, KvLayout};
@@ -189,6 +190,19 @@ struct Simulate {
     /// Most running sequences (timed mode).
     #[arg(long, default_value_t = 128)]
     max_running: usize,
+    /// Replicas behind a router, each with the capacity given (`--sequential`
+    /// replay). The report compares one pooled cache of N times the capacity,
+    /// N private caches and, with `--remote`, N caches sharing a remote tier.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// How requests reach replicas: `kv` (KV-aware, on the cache events,
+    /// under a load bound) or `rr` (round robin).
+    #[arg(long, default_value = "kv")]
+    router: String,
+    /// A Redis server the replicas share as a remote prefix tier
+    /// (`redis://host:port/`); the run writes under a namespace of its own.
+    #[arg(long)]
+    remote: Option<String>,
     /// Print a JSON report instead of the table.
     #[arg(long)]
     json: bool,
@@ -470,6 +484,9 @@ fn simulate(args: Simulate) -> Result<()> {
         args.with_bytes.then_some(layout.block_bytes()?),
     );
     budget.check(&need)?;
+    if args.replicas > 1 || args.remote.is_some() {
+        return replicas(&args, &w, &cfg, started);
+    }
     let ideal = sim::ideal(&w, timed);
     let (belady, belady_hits) = sim::belady(&w, &cfg);
     let mut runs = Vec::new();
@@ -555,6 +572,124 @@ fn simulate(args: Simulate) -> Result<()> {
     } else {
         print_table(&report);
     }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ReplicaReport {
+    workload: String,
+    requests: usize,
+    block_refs: u64,
+    unique_blocks: u64,
+    tokens_per_block: u32,
+    router: Router,
+    runs: Vec<ReplicaRun>,
+    /// Shared (local + remote) hits / pooled hits.
+    shared_over_pooled: Option<f64>,
+    /// Private hits / pooled hits.
+    private_over_pooled: f64,
+    wall_seconds: f64,
+}
+
+/// `--replicas` / `--remote`: pooled, private and shared caches in one run.
+fn replicas(
+    args: &Simulate,
+    w: &workload::Workload,
+    cfg: &SimConfig,
+    started: Instant,
+) -> Result<()> {
+    if cfg.timed {
+        bail!("--replicas and --remote replay requests in arrival order: add --sequential");
+    }
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let router = Router::parse(&args.router)?;
+    let n = args.replicas;
+    let pooled_cfg = SimConfig {
+        capacity_blocks: cfg.capacity_blocks.saturating_mul(n),
+        host_blocks: cfg.host_blocks.saturating_mul(n),
+        ..cfg.clone()
+    };
+    let mut plan: Vec<(&str, u32, &SimConfig, Option<&str>)> =
+        vec![("pooled", 1, &pooled_cfg, None), ("private", n, cfg, None)];
+    if let Some(url) = &args.remote {
+        plan.push(("shared", n, cfg, Some(url.as_str())));
+    }
+    let mut runs = Vec::new();
+    for (name, k, c, remote) in plan {
+        let pb = progress_bar(w.requests.len() as u64);
+        pb.set_message(format!("replaying ({name})"));
+        let mut shown = false;
+        let mut tick = |d: u64| {
+            pb.inc(d);
+            if !shown && started.elapsed() > Duration::from_secs(1) {
+                pb.set_draw_target(ProgressDrawTarget::stderr());
+                shown = true;
+            }
+        };
+        runs.push(pagedkv_cli::replicas::run(
+            w, c, k, router, remote, name, &mut tick,
+        )?);
+        pb.finish_and_clear();
+    }
+    let pooled = runs[0].block_hit_ratio.max(1e-12);
+    let report = ReplicaReport {
+        workload: w.name.clone(),
+        requests: w.requests.len(),
+        block_refs: w.block_refs(),
+        unique_blocks: w.unique_blocks(),
+        tokens_per_block: w.tokens_per_block,
+        router,
+        shared_over_pooled: runs.get(2).map(|r| r.block_hit_ratio / pooled),
+        private_over_pooled: runs[1].block_hit_ratio / pooled,
+        runs,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "workload   {} ({} requests, {} block references, {} unique blocks of {} tokens)",
+        report.workload,
+        report.requests,
+        report.block_refs,
+        report.unique_blocks,
+        report.tokens_per_block
+    );
+    println!(
+        "replicas   {n} x {} device blocks ({:.1}% of unique each), router {:?}; pooled: one cache of {} blocks",
+        cfg.capacity_blocks,
+        100.0 * f64::from(cfg.capacity_blocks) / report.unique_blocks.max(1) as f64,
+        router,
+        pooled_cfg.capacity_blocks
+    );
+    println!();
+    println!(
+        "{:<10}{:>10}{:>16}{:>12}{:>12}{:>12}{:>10}  requests per replica",
+        "cache", "replicas", "block hit ratio", "device", "host", "remote", "wrong KV"
+    );
+    for r in &report.runs {
+        let q = r.query_blocks.max(1) as f64;
+        println!(
+            "{:<10}{:>10}{:>16.4}{:>12.4}{:>12.4}{:>12.4}{:>10}  {:?}",
+            r.name,
+            r.replicas,
+            r.block_hit_ratio,
+            r.device_hit_blocks as f64 / q,
+            r.host_hit_blocks as f64 / q,
+            r.remote_hit_blocks as f64 / q,
+            r.wrong_kv,
+            r.requests_per_replica
+        );
+    }
+    println!();
+    println!("private / pooled  {:.3}", report.private_over_pooled);
+    if let Some(s) = report.shared_over_pooled {
+        println!("shared / pooled   {s:.3} (local + remote hits over one pooled cache)");
+    }
+    println!("\n({:.2} s wall)", report.wall_seconds);
     Ok(())
 }
 

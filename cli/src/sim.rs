@@ -443,6 +443,19 @@ pub fn manager_config(w: &Workload, cfg: &SimConfig) -> ManagerConfig {
 }
 
 fn request_for(r: &Request, id: u64, cfg: &SimConfig, bs: u32) -> AllocationRequest {
+    request_with(r, id, cfg, bs, false)
+}
+
+/// The allocation of request `r` (number `id`): its token ids where known,
+/// unless `by_keys` (then its chained block keys, what a router and a
+/// shared tier name blocks by).
+pub(crate) fn request_with(
+    r: &Request,
+    id: u64,
+    cfg: &SimConfig,
+    bs: u32,
+    by_keys: bool,
+) -> AllocationRequest {
     let l = &cfg.layout;
     let prompt_len = r.prompt_len(bs) as usize;
     let mut a = AllocationRequest::for_prompt(
@@ -454,8 +467,8 @@ fn request_for(r: &Request, id: u64, cfg: &SimConfig, bs: u32) -> AllocationRequ
     a.max_sequence_length = a.max_sequence_length.min(max_sequence_tokens_of(cfg, bs));
     a.initial_tokens = prompt_len;
     match &r.tokens {
-        Some(t) => a.prompt = t.clone(),
-        None => a.block_keys = r.keys.clone(),
+        Some(t) if !by_keys => a.prompt = t.clone(),
+        _ => a.block_keys = r.keys.clone(),
     }
     if cfg.tenants > 1 {
         a.cache_salt = Some(u128::from(r.tenant % cfg.tenants) + 1);
@@ -476,7 +489,7 @@ fn max_sequence_tokens_of(cfg: &SimConfig, bs: u32) -> usize {
 /// it can never fit (longer than the device or the sequence limit), or
 /// there is no room for it even with nothing else running. Anything else
 /// is a failure of the run.
-fn rejected(e: &ManagerError, alone: bool) -> bool {
+pub(crate) fn rejected(e: &ManagerError, alone: bool) -> bool {
     use pagedkv_core::Error as Core;
     match e {
         ManagerError::Core(Core::LargerThanPool { .. } | Core::SequenceTooLong { .. }) => true,

@@ -666,3 +666,71 @@ fn eviction_policies_compare_in_one_run_on_either_half_of_a_trace() {
         assert!(err.contains(says), "{err}");
     }
 }
+
+/// Four replicas at 5% of the Mooncake trace's blocks each, requests dealt
+/// round robin: private caches lose most of one pooled cache's hits; a
+/// shared remote tier on Redis (a private `redis-server`, skipped where
+/// Redis is not installed) brings the replicas to at least 90% of it, and
+/// every value read back is the one written.
+#[test]
+fn replicas_sharing_a_redis_tier_keep_the_pooled_hit_ratio() {
+    let Some(server) = pagedkv_tests::redis_server::RedisServer::start("512mb", "allkeys-lru", &[])
+    else {
+        return;
+    };
+    let trace = traces().join("mooncake_conversation.jsonl");
+    let url = server.url();
+    let v = json(&[
+        "simulate",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--sequential",
+        "--capacity-fraction",
+        "0.05",
+        "--replicas",
+        "4",
+        "--router",
+        "rr",
+        "--remote",
+        &url,
+    ]);
+    let run = |name: &str| {
+        v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (pooled, private, shared) = (run("pooled"), run("private"), run("shared"));
+    let ratio = |r: &Value| r["block_hit_ratio"].as_f64().unwrap();
+    assert_eq!(pooled["replicas"], 1);
+    assert_eq!(shared["replicas"], 4);
+    assert!(
+        ratio(&shared) >= 0.9 * ratio(&pooled),
+        "shared {} vs pooled {}",
+        ratio(&shared),
+        ratio(&pooled)
+    );
+    assert!(
+        ratio(&private) < 0.6 * ratio(&pooled),
+        "private {}",
+        ratio(&private)
+    );
+    assert!(shared["remote_hit_blocks"].as_u64().unwrap() > 0);
+    assert_eq!(shared["wrong_kv"], 0);
+    let remote = &shared["remote"];
+    assert_eq!(remote["bad_values"], 0);
+    assert_eq!(remote["timeouts"], 0, "{remote}");
+    assert_eq!(remote["hits"], shared["remote_hit_blocks"]);
+    // The same replicas and router without the tier see only their own.
+    assert_eq!(private["remote_hit_blocks"], 0);
+    assert_eq!(private["device_hit_blocks"], shared["device_hit_blocks"]);
+    let out = bin()
+        .args(["simulate", "--replicas", "2", "--conversations", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sequential"));
+}
