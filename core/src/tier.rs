@@ -79,6 +79,56 @@ impl<H: BlockHasher> KvCache<'_, H> {
         self.insert_plan(plan, None).map(Some)
     }
 
+    /// Publishes in pool `to` blocks whose bytes come from outside the
+    /// cache (a remote tier shared by replicas): for each of the chained
+    /// `keys` in order (the first one's parent is `parent`), takes a block
+    /// (free, else the next in eviction order), lets `fill(i, block)` write
+    /// key `i`'s bytes into it, then registers it and leaves it cached,
+    /// unheld. Keys `to` holds already are skipped, filling nothing. Stops at
+    /// the first block that cannot be taken or that `fill` refuses (returns
+    /// false): that block goes back free, unkeyed, so a chain is published
+    /// only as far as its bytes are whole. Returns how many keys, from the
+    /// first, `to` holds afterwards. O(1) per key, plus `fill`.
+    pub fn import(
+        &mut self,
+        to: PoolId,
+        parent: Option<BlockHash>,
+        keys: &[BlockHash],
+        mut fill: impl FnMut(usize, crate::BlockId) -> bool,
+    ) -> Result<usize> {
+        let p = self.pool_mut(to)?;
+        // Pass 1: hold each block of the chain (found, or taken and filled),
+        // so taking a block never evicts the chain's own head.
+        let mut parent = parent;
+        let mut held = 0;
+        for (i, &key) in keys.iter().enumerate() {
+            if p.acquire(key).is_none() {
+                let Ok(b) = p.allocate_one() else {
+                    break;
+                };
+                let published = fill(i, b)
+                    && matches!(
+                        p.register(b, key, parent),
+                        Ok(crate::pool::Registered::Stored)
+                    );
+                if !published {
+                    // Unkeyed: back to the free stack.
+                    p.release(b)?;
+                    break;
+                }
+            }
+            held += 1;
+            parent = Some(key);
+        }
+        // Pass 2: release, tail first, so the chain's tail is evicted first.
+        for &key in keys.iter().take(held).rev() {
+            if let Some(b) = p.lookup(key) {
+                p.release(b)?;
+            }
+        }
+        Ok(held)
+    }
+
     /// Plans bringing the blocks of a prompt (its chained `keys`) that pool
     /// `to` lacks and pool `from` holds back to `to`: from the first key `to`
     /// misses, as long as `from` hits and `to` has room. `None`: nothing to

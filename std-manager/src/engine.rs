@@ -60,6 +60,9 @@ pub struct Allocation {
     pub device_hit_blocks: u32,
     /// Prefix-hit blocks brought back from the host tier.
     pub host_hit_blocks: u32,
+    /// Of those, blocks the host tier had just fetched from the remote tier
+    /// (feature `redis`): computed by another replica.
+    pub remote_hit_blocks: u32,
     /// Prompt tokens placed now (the whole prompt, or the hits and one chunk
     /// with `prefill_chunk`).
     pub placed_tokens: usize,

@@ -16,6 +16,8 @@ pub use engine::{
     Preemption, PreemptionPolicy, Tier,
 };
 pub use error::{InvalidRequest, ManagerError, Result};
+#[cfg(feature = "redis")]
+pub use manager::RemoteUse;
 pub use manager::{Handle, KvManager, MAX_DEVICES, ManagedBackend};
 pub use pagedkv_core as core;
 pub use pagedkv_core::{

@@ -7,11 +7,17 @@
 //! lookup returns is compared with what was written: no wrong KV, ever.
 #![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
+mod common;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagedkv_core::BlockHash;
 use pagedkv_manager::remote::{
     Codec, KeyScheme, LookupEnd, Namespace, RemoteConfig, RemoteTier, TierState,
+};
+use pagedkv_manager::{
+    HostAdmission, HostBackend, HostManager, KvCacheManager, PrefixCacheConfig, RequestId,
 };
 use pagedkv_tests::redis_server::RedisServer;
 
@@ -419,4 +425,178 @@ fn a_server_killed_mid_fetch_and_restarted_loses_no_kv_and_the_tier_comes_back()
         "{:?}",
         t.stats()
     );
+}
+
+// ---- the tier under a manager's host tier --------------------------------
+
+/// A replica: 8 device blocks, a 16-block host tier offloading every
+/// evicted prefix, on the shared tier. Replicas name blocks alike (the
+/// same `hash_key`, the same namespace).
+fn replica(server: &RedisServer) -> HostManager {
+    let mut cfg = common::config(8);
+    cfg.host_blocks = 16;
+    cfg.prefix_cache_config = Some(PrefixCacheConfig::default());
+    cfg.offload_evicted_prefixes = true;
+    cfg.host_admission = HostAdmission::Every;
+    cfg.record_events = true;
+    let m = HostManager::new(HostBackend::new(), cfg).unwrap();
+    let l = common::layout();
+    let ns = Namespace {
+        model: "replica-test".into(),
+        layout: 0x1a70,
+        dtype: "f16".into(),
+        block_size: l.tokens_per_block,
+        tp_rank: 0,
+    };
+    let t = RemoteTier::redis(
+        &server.url(),
+        ns,
+        KeyScheme::Keyed([3; 32]),
+        Codec::None,
+        cfg_fast(),
+    )
+    .unwrap();
+    m.set_remote_tier(Some(Arc::new(t)));
+    m
+}
+
+fn cfg_fast() -> RemoteConfig {
+    RemoteConfig {
+        op_timeout: Duration::from_millis(300),
+        ..RemoteConfig::default()
+    }
+}
+
+const BS: u32 = 8;
+
+fn tokens(blocks: u32, salt: u32) -> Vec<u32> {
+    (0..blocks * BS + 3).map(|i| i * 7 + salt).collect()
+}
+
+/// The KV replica A computes for block `i` of the prompt.
+fn kv(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (i * 31 + j * 7) as u8).collect()
+}
+
+/// Replica A computes a 5-block prompt, then other prompts push it to its
+/// host tier (and so to the remote tier).
+async fn computed_on_a(server: &RedisServer) -> HostManager {
+    let a = replica(server);
+    let p = tokens(5, 1);
+    a.allocate_request(&common::request(1, p)).await.unwrap();
+    let len = common::layout().block_bytes().unwrap() as usize;
+    for i in 0..5 {
+        a.write_block(RequestId(1), i, &kv(i, len)).unwrap();
+    }
+    a.deallocate(RequestId(1)).await.unwrap();
+    for (id, salt) in [(2, 50), (3, 60)] {
+        a.allocate_request(&common::request(id, tokens(7, salt)))
+            .await
+            .unwrap();
+        a.deallocate(RequestId(id)).await.unwrap();
+    }
+    assert!(a.remote_use().writes_queued >= 5, "{:?}", a.remote_use());
+    a
+}
+
+async fn ready(m: &HostManager, id: u64) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while m.remote_ready(RequestId(id)) != Some(true) {
+        assert!(Instant::now() < until, "no answer");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_serves_a_prompt_another_computed_with_its_kv_intact() {
+    let Some(server) = start("64mb", "allkeys-lru") else {
+        return;
+    };
+    let _a = computed_on_a(&server).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = replica(&server);
+    let req = common::request(10, tokens(5, 1));
+    assert_eq!(b.prefetch_remote(&req).unwrap(), 5);
+    ready(&b, 10).await;
+    let got = b.allocate_request(&req).await.unwrap();
+    assert_eq!(got.remote_hit_blocks, 5, "{:?}", b.remote_use());
+    assert_eq!(got.host_hit_blocks, 5);
+    assert_eq!(got.computed_tokens, 5 * BS as usize);
+    let len = common::layout().block_bytes().unwrap() as usize;
+    for i in 0..5 {
+        assert!(
+            b.read_block(RequestId(10), i).unwrap() == kv(i, len),
+            "block {i}"
+        );
+    }
+    b.check_invariants().unwrap();
+
+    // Block 3 corrupted in the store: replica C gets blocks 0..3 only, and
+    // computes the rest itself.
+    let t = RemoteTier::redis(
+        &server.url(),
+        Namespace {
+            model: "replica-test".into(),
+            layout: 0x1a70,
+            dtype: "f16".into(),
+            block_size: BS,
+            tp_rank: 0,
+        },
+        KeyScheme::Keyed([3; 32]),
+        Codec::None,
+        cfg_fast(),
+    )
+    .unwrap();
+    let mut events = Vec::new();
+    b.drain_events(&mut events);
+    let k3 = events
+        .iter()
+        .find_map(|e| match e {
+            pagedkv_manager::ManagerEvent::Stored {
+                keys, parent: None, ..
+            } if keys.len() >= 4 => Some(keys[3]),
+            _ => None,
+        })
+        .expect("the host tier's stored event names the chain");
+    server
+        .command(&[b"SETRANGE", &t.remote_key(k3), b"100", b"bad"])
+        .unwrap();
+    let c = replica(&server);
+    let req = common::request(20, tokens(5, 1));
+    c.prefetch_remote(&req).unwrap();
+    ready(&c, 20).await;
+    let got = c.allocate_request(&req).await.unwrap();
+    assert_eq!(got.remote_hit_blocks, 3);
+    for i in 0..3 {
+        assert!(
+            c.read_block(RequestId(20), i).unwrap() == kv(i, len),
+            "block {i}"
+        );
+    }
+    c.check_invariants().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_lookup_is_a_miss_not_a_wait() {
+    let Some(server) = start("64mb", "allkeys-lru") else {
+        return;
+    };
+    let _a = computed_on_a(&server).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = replica(&server);
+    server
+        .command(&[b"CLIENT", b"PAUSE", b"1000", b"ALL"])
+        .unwrap();
+    let req = common::request(10, tokens(5, 1));
+    assert_eq!(b.prefetch_remote(&req).unwrap(), 5);
+    let at = Instant::now();
+    let got = b.allocate_request(&req).await.unwrap();
+    assert!(
+        at.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        at.elapsed()
+    );
+    assert_eq!((got.remote_hit_blocks, got.computed_tokens), (0, 0));
+    assert_eq!(b.remote_use().pending_at_allocation, 1);
+    b.check_invariants().unwrap();
 }

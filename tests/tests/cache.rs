@@ -441,3 +441,58 @@ fn a_full_event_queue_counts_what_it_drops() {
     quiet.register(b, BlockHash(7), None).unwrap();
     assert_eq!((quiet.pending_events(), quiet.events_lost()), (0, 0));
 }
+
+#[test]
+fn imported_blocks_are_published_only_as_far_as_their_bytes_are_whole() {
+    let mut c = cache_with(config(), &[8], 4);
+    let keys: Vec<BlockHash> = (1..=5).map(|k| BlockHash(k * 1000)).collect();
+    // The third block's bytes fail: two are published, the rest not, and
+    // the block taken for the third goes back free.
+    let mut filled = Vec::new();
+    let n = c
+        .import(HOST, Some(BlockHash(7)), &keys, |i, b| {
+            filled.push(b);
+            i != 2
+        })
+        .unwrap();
+    assert_eq!(n, 2);
+    let host = c.pool(HOST).unwrap();
+    assert!(host.lookup(keys[0]).is_some() && host.lookup(keys[1]).is_some());
+    assert!(host.lookup(keys[2]).is_none());
+    assert_eq!(
+        (host.cached_len(), host.used_len(), host.free_len()),
+        (2, 0, 2)
+    );
+    match c.pop_event(HOST).unwrap() {
+        Some(KvEvent::BlockStored {
+            parent,
+            keys: k,
+            medium,
+            ..
+        }) => {
+            assert_eq!(parent, Some(BlockHash(7)));
+            assert_eq!(&k[..], &keys[..2]);
+            assert_eq!(medium, PoolKind::Host);
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    // Again: held keys are skipped (nothing filled), the rest imported
+    // until the pool is full (never evicting the chain's own head).
+    filled.clear();
+    let n = c.import(HOST, Some(BlockHash(7)), &keys, |_, b| {
+        filled.push(b);
+        true
+    });
+    assert_eq!(n, Ok(4));
+    assert_eq!(filled.len(), 2);
+    let host = c.pool(HOST).unwrap();
+    assert_eq!((host.cached_len(), host.used_len()), (4, 0));
+    assert!(keys[..4].iter().all(|&k| host.lookup(k).is_some()));
+    // The tail is next out: a one-block import evicts keys[3].
+    assert_eq!(c.import(HOST, None, &[BlockHash(1)], |_, _| true), Ok(1));
+    let host = c.pool(HOST).unwrap();
+    assert!(host.lookup(keys[3]).is_none() && host.lookup(keys[0]).is_some());
+    c.check_invariants().unwrap();
+    // An unknown pool is refused.
+    assert!(c.import(PoolId(9), None, &keys, |_, _| true).is_err());
+}

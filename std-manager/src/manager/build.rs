@@ -239,6 +239,8 @@ impl<B: ManagedBackend> KvManager<B> {
                 policy,
                 epoch: Instant::now(),
                 timer: super::wait::Timer::default(),
+                #[cfg(feature = "redis")]
+                remote: Mutex::default(),
             }),
         })
     }

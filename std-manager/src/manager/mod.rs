@@ -45,6 +45,8 @@ mod handle;
 mod pools;
 mod preempt;
 mod prefix_tier;
+#[cfg(feature = "redis")]
+mod remote;
 mod requests;
 mod scheduler;
 mod seed_advanced;
@@ -65,6 +67,8 @@ use pagedkv_core::{
 
 pub use self::handle::Handle;
 use self::pools::{CompressedPool, PoolMap, PoolMem};
+#[cfg(feature = "redis")]
+pub use self::remote::RemoteUse;
 use crate::error::{ManagerError, Result};
 use crate::traits::CacheEvictionPolicy;
 use crate::types::{
@@ -229,6 +233,9 @@ struct Shared<B: ManagedBackend> {
     epoch: Instant,
     /// Wakes futures waiting on fences (see `wait.rs`).
     timer: wait::Timer,
+    /// The remote tier under the host tier, and its lookups in flight.
+    #[cfg(feature = "redis")]
+    remote: Mutex<remote::RemoteSide>,
 }
 
 /// The manager: implements the seed's traits over any backend with

@@ -61,13 +61,19 @@ impl<B: ManagedBackend> KvManager<B> {
                 .cache
                 .offload(pool, host, n, |k| !admitted.contains(&k))?
             {
-                Some(p) => (p, inner.cache.plan(p)?.len() as u64),
+                Some(p) => {
+                    let targets: Vec<_> = inner.cache.plan(p)?.copies().map(|c| c.dst).collect();
+                    (p, targets)
+                }
                 None => return Ok(()),
             }
         };
-        let (plan, copied) = plan;
+        let (plan, targets) = plan;
+        let copied = targets.len() as u64;
         self.run_plan(plan, CopyOp::Copy, "offloading prefixes")
             .await?;
+        #[cfg(feature = "redis")]
+        self.write_remote(host, &targets)?;
         // Counted once the copies landed (an aborted plan copied nothing).
         lock(&self.shared.inner).stats.offloaded += copied;
         Ok(())

@@ -20,12 +20,12 @@ use crate::traits::KvCacheHandle;
 use crate::types::{AllocationRequest, Device, HostAdmission, RequestId};
 
 /// How a request's prompt is matched, decided once per allocation.
-struct PromptPlan {
-    device: usize,
+pub(super) struct PromptPlan {
+    pub(super) device: usize,
     use_prefix: bool,
     salt: Option<CacheSalt>,
     /// Chained keys (only when the host tier needs them).
-    keys: Vec<BlockHash>,
+    pub(super) keys: Vec<BlockHash>,
     len: u32,
 }
 
@@ -154,7 +154,14 @@ impl<B: ManagedBackend> KvManager<B> {
         }
     }
 
-    fn plan_prompt(&self, req: &AllocationRequest, raw_keys: &[BlockHash]) -> Result<PromptPlan> {
+    /// The prompt's placement and chained keys; `touch` counts the prompt
+    /// for the host tier's admission (an allocation does, a prefetch not).
+    pub(super) fn plan_prompt(
+        &self,
+        req: &AllocationRequest,
+        raw_keys: &[BlockHash],
+        touch: bool,
+    ) -> Result<PromptPlan> {
         let len = u32::try_from(req.initial_tokens).map_err(|_| too_long())?;
         let blocks = len.div_ceil(self.shared.config.layout.tokens_per_block);
         let mut inner = lock(&self.shared.inner);
@@ -182,7 +189,7 @@ impl<B: ManagedBackend> KvManager<B> {
             inner.cache.prompt_keys(&prompt, |k| keys.push(k))?;
             // The host tier's admission counts prompts asking for each key.
             let cfg = &self.shared.config;
-            if cfg.offload_evicted_prefixes && cfg.host_admission != HostAdmission::Every {
+            if touch && cfg.offload_evicted_prefixes && cfg.host_admission != HostAdmission::Every {
                 for &k in &keys {
                     inner.touches.touch(k);
                 }
@@ -198,9 +205,13 @@ impl<B: ManagedBackend> KvManager<B> {
     pub(super) async fn allocate_inner(&self, req: &AllocationRequest) -> Result<Allocation> {
         self.check_request(req)?;
         let raw_keys: Vec<BlockHash> = req.block_keys.iter().map(|&k| BlockHash(k)).collect();
-        let pp = self.plan_prompt(req, &raw_keys)?;
+        let pp = self.plan_prompt(req, &raw_keys, true)?;
         let device = pp.device;
         let mut host_hits = 0;
+        #[cfg(feature = "redis")]
+        let remote = self.import_remote(req.request_id, &pp.keys)?;
+        #[cfg(not(feature = "redis"))]
+        let remote = 0;
         if !pp.keys.is_empty() {
             host_hits = self.promote(device, &pp.keys).await?;
         }
@@ -214,7 +225,7 @@ impl<B: ManagedBackend> KvManager<B> {
                     break Err(e);
                 }
             }
-            let r = self.allocate_once(req, &pp, &prompt, &raw_keys, host_hits);
+            let r = self.allocate_once(req, &pp, &prompt, &raw_keys, (host_hits, remote));
             match self.with_room(r, &mut room).await {
                 Ok(Some(a)) => break Ok(a),
                 Ok(None) => {}
@@ -244,7 +255,7 @@ impl<B: ManagedBackend> KvManager<B> {
         pp: &PromptPlan,
         prompt: &Prompt<'_>,
         raw_keys: &[BlockHash],
-        host_hits: u64,
+        (host_hits, remote): (u64, u64),
     ) -> Result<Allocation> {
         let mut guard = lock(&self.shared.inner);
         let inner = &mut *guard;
@@ -292,6 +303,7 @@ impl<B: ManagedBackend> KvManager<B> {
             computed_tokens: a.hit_tokens.min(pp.len) as usize,
             device_hit_blocks: a.hit_blocks - from_host,
             host_hit_blocks: from_host,
+            remote_hit_blocks: remote.min(u64::from(from_host)) as u32,
             placed_tokens: a.tokens as usize,
             blocks: inner.cache.info(a.seq)?.blocks,
             preempted: Vec::new(),

@@ -287,13 +287,13 @@ impl<B: ManagedBackend> KvManager<B> {
 }
 
 /// A block's bytes, read into or written from a buffer of `block_bytes`.
-enum Bytes<'a> {
+pub(super) enum Bytes<'a> {
     Read(&'a mut [u8]),
     Write(&'a [u8]),
 }
 
 /// Reads or writes every (layer, K/V) part of block `b` of a pool.
-fn block_bytes<B: Backend<Error: Send + Sync + 'static>>(
+pub(super) fn block_bytes<B: Backend<Error: Send + Sync + 'static>>(
     be: &mut B,
     m: &PoolMem<B::Region>,
     b: BlockId,

@@ -1,0 +1,204 @@
+//! The remote tier under the host tier (feature `redis`): blocks admitted
+//! to the host tier are written to it; a request's blocks that miss device
+//! and host are looked up there ahead of its allocation
+//! ([`KvManager::prefetch_remote`]) and, if the answer has arrived by then,
+//! imported into host blocks, each checked whole before it is published,
+//! then promoted like any host hit. An answer that has not arrived is a
+//! miss: the allocation never waits for the network.
+//!
+//! Replicas share remote blocks when they name blocks alike: the same
+//! `hash_key` in their [`ManagerConfig`](crate::ManagerConfig) and the same
+//! remote [`Namespace`](crate::remote::Namespace) (model, layout, dtype,
+//! block size, rank).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pagedkv_core::{BlockHash, BlockId, PoolId};
+use serde::Serialize;
+
+use super::transfer::{Bytes, block_bytes};
+use super::{DevSide, KvManager, ManagedBackend, lock};
+use crate::error::Result;
+use crate::remote::{Fetched, Lookup, RemoteTier};
+use crate::types::{AllocationRequest, RequestId};
+
+/// A lookup started for a request not allocated yet.
+struct Pending {
+    /// Index in the prompt's chain of the first block asked for.
+    start: usize,
+    lookup: Lookup,
+    done: Option<Fetched>,
+}
+
+/// The manager's side of the remote tier.
+#[derive(Default)]
+pub(super) struct RemoteSide {
+    tier: Option<Arc<RemoteTier>>,
+    pending: HashMap<RequestId, Pending>,
+    stats: RemoteUse,
+}
+
+/// What the manager did with the remote tier (the tier's own counters are
+/// [`RemoteTier::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RemoteUse {
+    /// Lookups started by `prefetch_remote`.
+    pub prefetches: u64,
+    /// Blocks imported into the host tier from remote answers.
+    pub imported_blocks: u64,
+    /// Allocations whose lookup had not answered yet (a miss, not a wait).
+    pub pending_at_allocation: u64,
+    /// Remote blocks not imported: the host tier had no room, or the bytes
+    /// did not have the block's size.
+    pub import_refused: u64,
+    /// Host-tier blocks queued for writing to the remote tier.
+    pub writes_queued: u64,
+}
+
+impl<B: ManagedBackend> KvManager<B> {
+    /// Puts a remote tier under the host tier (or removes it). Needs a host
+    /// tier (`host_blocks`) and prefix caching; blocks offloaded to the host
+    /// tier from then on are written to it.
+    pub fn set_remote_tier(&self, tier: Option<Arc<RemoteTier>>) {
+        let mut r = lock(&self.shared.remote);
+        r.tier = tier;
+        r.pending.clear();
+    }
+
+    /// What the manager did with the remote tier.
+    pub fn remote_use(&self) -> RemoteUse {
+        lock(&self.shared.remote).stats
+    }
+
+    /// Starts looking up, on the remote tier, the blocks of `req`'s prompt
+    /// past those on a device or the host tier; a later `allocate_request`
+    /// of the same request imports what has arrived by then. Never waits.
+    /// Returns the blocks asked for (0: no tier, nothing missing, or a
+    /// prompt without keys).
+    pub fn prefetch_remote(&self, req: &AllocationRequest) -> Result<usize> {
+        let Some(tier) = lock(&self.shared.remote).tier.clone() else {
+            return Ok(0);
+        };
+        self.check_request(req)?;
+        let raw: Vec<BlockHash> = req.block_keys.iter().map(|&k| BlockHash(k)).collect();
+        let pp = self.plan_prompt(req, &raw, false)?;
+        let start = {
+            let inner = lock(&self.shared.inner);
+            let pools = &self.shared.pools;
+            let on = |p: Option<PoolId>, k| {
+                p.and_then(|p| inner.cache.pool(p).ok())
+                    .is_some_and(|p| p.lookup(k).is_some())
+            };
+            let dev = Some(pools.device(pp.device));
+            pp.keys
+                .iter()
+                .take_while(|&&k| on(dev, k) || on(pools.host(), k))
+                .count()
+        };
+        let rest = &pp.keys[start..];
+        if rest.is_empty() {
+            return Ok(0);
+        }
+        let lookup = tier.lookup(rest);
+        let mut r = lock(&self.shared.remote);
+        r.stats.prefetches += 1;
+        r.pending.insert(
+            req.request_id,
+            Pending {
+                start,
+                lookup,
+                done: None,
+            },
+        );
+        Ok(rest.len().min(crate::remote::MAX_LOOKUP_KEYS))
+    }
+
+    /// Whether the prefetch of `id` has its answer (`None`: none started).
+    pub fn remote_ready(&self, id: RequestId) -> Option<bool> {
+        let mut r = lock(&self.shared.remote);
+        let p = r.pending.get_mut(&id)?;
+        if p.done.is_none() {
+            p.done = p.lookup.poll();
+        }
+        Some(p.done.is_some())
+    }
+
+    /// At allocation: imports into the host tier the blocks the prefetch of
+    /// `id` found, if it has answered. Returns the blocks imported.
+    pub(super) fn import_remote(&self, id: RequestId, keys: &[BlockHash]) -> Result<u64> {
+        let (Some(host), Some(mut p)) = (
+            self.shared.pools.host(),
+            lock(&self.shared.remote).pending.remove(&id),
+        ) else {
+            return Ok(0);
+        };
+        let Some(f) = p.done.take().or_else(|| p.lookup.poll()) else {
+            lock(&self.shared.remote).stats.pending_at_allocation += 1;
+            return Ok(0);
+        };
+        // The answer must continue this prompt's chain where it was asked.
+        let chain = keys.get(p.start..).unwrap_or(&[]);
+        let n = f
+            .blocks
+            .iter()
+            .zip(chain)
+            .take_while(|((k, _), c)| k == *c)
+            .count();
+        if n == 0 {
+            return Ok(0);
+        }
+        let parent = p.start.checked_sub(1).and_then(|i| keys.get(i)).copied();
+        let imported = {
+            let mut dev = lock(&self.shared.dev);
+            let DevSide { backend, mems, .. } = &mut *dev;
+            let mut inner = lock(&self.shared.inner);
+            let Some(m) = mems.get(self.shared.pools.mem(host)) else {
+                return Ok(0);
+            };
+            let want = m.layout.block_bytes()? as usize;
+            inner.cache.import(host, parent, &chain[..n], |i, b| {
+                let bytes = &f.blocks[i].1;
+                bytes.len() == want && block_bytes(backend, m, b, Bytes::Write(bytes)).is_ok()
+            })?
+        };
+        let mut r = lock(&self.shared.remote);
+        r.stats.imported_blocks += imported as u64;
+        r.stats.import_refused += (n - imported) as u64;
+        Ok(imported as u64)
+    }
+
+    /// After an offload to the host tier landed: queues the bytes of its
+    /// target blocks (those still holding a key) for the remote tier.
+    pub(super) fn write_remote(&self, host: PoolId, blocks: &[BlockId]) -> Result<()> {
+        let Some(tier) = lock(&self.shared.remote).tier.clone() else {
+            return Ok(());
+        };
+        let mut queued = 0;
+        {
+            let mut dev = lock(&self.shared.dev);
+            let DevSide { backend, mems, .. } = &mut *dev;
+            let inner = lock(&self.shared.inner);
+            let (Some(m), Ok(pool)) = (
+                mems.get(self.shared.pools.mem(host)),
+                inner.cache.pool(host),
+            ) else {
+                return Ok(());
+            };
+            let mut buf = vec![0u8; m.layout.block_bytes()? as usize];
+            for &b in blocks {
+                // A block's key names immutable content: read under the lock
+                // that keeps it from being reused meanwhile.
+                let Ok(Some(key)) = pool.key_of(b) else {
+                    continue;
+                };
+                block_bytes(backend, m, b, Bytes::Read(&mut buf))?;
+                if tier.store(key, &buf) {
+                    queued += 1;
+                }
+            }
+        }
+        lock(&self.shared.remote).stats.writes_queued += queued;
+        Ok(())
+    }
+}
