@@ -203,6 +203,11 @@ struct Simulate {
     /// (`redis://host:port/`); the run writes under a namespace of its own.
     #[arg(long)]
     remote: Option<String>,
+    /// Publish each replica's cache events in vLLM's format over ZeroMQ
+    /// (`tcp://127.0.0.1:5557`: replica i on port + i, its replay socket on
+    /// port + N + i), for a router outside to read.
+    #[arg(long)]
+    events: Option<String>,
     /// Print a JSON report instead of the table.
     #[arg(long)]
     json: bool,
@@ -616,6 +621,11 @@ fn replicas(
     if let Some(url) = &args.remote {
         plan.push(("shared", n, cfg, Some(url.as_str())));
     }
+    let publishers = match &args.events {
+        Some(e) => pagedkv_cli::replicas::publishers(e, n)?,
+        None => Vec::new(),
+    };
+    let last = plan.last().map_or("", |p| p.0);
     let mut runs = Vec::new();
     for (name, k, c, remote) in plan {
         let pb = progress_bar(w.requests.len() as u64);
@@ -628,8 +638,10 @@ fn replicas(
                 shown = true;
             }
         };
+        // The last run (shared, else private) publishes its events.
+        let to: &[_] = if name == last { &publishers } else { &[] };
         runs.push(pagedkv_cli::replicas::run(
-            w, c, k, router, remote, name, &mut tick,
+            w, c, k, router, remote, to, name, &mut tick,
         )?);
         pb.finish_and_clear();
     }

@@ -80,6 +80,7 @@ pub struct ReplicaRun {
 
 /// The bytes the simulation stores for the block with `key` (a stand-in
 /// for its KV: checked on every read).
+#[cfg(feature = "redis")]
 fn payload(key: u128) -> Vec<u8> {
     key.to_le_bytes().repeat(4)
 }
@@ -207,14 +208,82 @@ fn apply(mirror: &mut HashSet<u128>, events: &mut Vec<ManagerEvent>) {
     }
 }
 
+/// Where each replica publishes its cache events (vLLM's format over
+/// ZeroMQ), if anywhere.
+#[cfg(feature = "kv-events")]
+pub type Publisher = pagedkv_manager::kv_events::KvEventPublisher;
+/// Where each replica publishes its cache events (none without the
+/// `kv-events` feature).
+#[cfg(not(feature = "kv-events"))]
+pub type Publisher = std::convert::Infallible;
+
+/// Binds one publisher per replica: replica `i` on `endpoint`'s port plus
+/// `i` (vLLM's convention for data-parallel ranks), its replay socket on
+/// the port after the last replica's.
+#[cfg(feature = "kv-events")]
+pub fn publishers(endpoint: &str, n: u32) -> Result<Vec<Publisher>> {
+    use pagedkv_manager::kv_events::{KvEventPublisher, PublisherConfig};
+    let (base, port) = endpoint
+        .rsplit_once(':')
+        .and_then(|(b, p)| Some((b, p.parse::<u16>().ok()?)))
+        .filter(|&(b, p)| b.starts_with("tcp://") && p > 0)
+        .ok_or_else(|| {
+            anyhow::anyhow!("--events {endpoint}: expected tcp://host:port (port above 0)")
+        })?;
+    (0..n)
+        .map(|i| {
+            let at = |k: u32| -> Result<String> {
+                let p = u32::from(port) + k;
+                u16::try_from(p)
+                    .map(|p| format!("{base}:{p}"))
+                    .map_err(|_| anyhow::anyhow!("--events {endpoint}: ports past 65535"))
+            };
+            KvEventPublisher::bind(PublisherConfig {
+                endpoint: at(i)?,
+                replay_endpoint: Some(at(n + i)?),
+                topic: String::new(),
+                buffer_steps: 10_000,
+                data_parallel_rank: Some(i),
+            })
+            .map_err(|e| anyhow::anyhow!("--events: {e}"))
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "kv-events"))]
+/// Without the `kv-events` feature, `--events` is refused.
+pub fn publishers(_: &str, _: u32) -> Result<Vec<Publisher>> {
+    bail!("--events: this pagedkv was built without the `kv-events` feature")
+}
+
+#[cfg(feature = "kv-events")]
+fn publish(p: &[Publisher], at: usize, events: &[ManagerEvent]) {
+    if let Some(p) = p.get(at) {
+        p.publish(events);
+    }
+}
+
+#[cfg(not(feature = "kv-events"))]
+fn publish(p: &[Publisher], at: usize, _: &[ManagerEvent]) {
+    if let Some(&never) = p.get(at) {
+        match never {}
+    }
+}
+
 /// Replays `w` over `n` replicas of `cfg`'s capacity each, assigned by
-/// `router`, sharing the remote tier at `remote` if given.
+/// `router`, sharing the remote tier at `remote` if given, each publishing
+/// its events on `events` (see [`publishers`]).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site, each argument a knob of the run"
+)]
 pub fn run(
     w: &Workload,
     cfg: &SimConfig,
     n: u32,
     router: Router,
     remote: Option<&str>,
+    events_to: &[Publisher],
     name: &str,
     progress: &mut dyn FnMut(u64),
 ) -> Result<ReplicaRun> {
@@ -277,6 +346,7 @@ pub fn run(
         }
         block_on(m.deallocate(RequestId(i as u64)))?;
         m.drain_events(&mut events);
+        publish(events_to, at, &events);
         apply(&mut mirrors[at], &mut events);
     }
     let hits = res.device_hit_blocks + res.host_hit_blocks + res.remote_hit_blocks;
@@ -285,22 +355,7 @@ pub fn run(
     if !tiers.is_empty() {
         let mut sum = pagedkv_manager::remote::RemoteStats::default();
         for t in &tiers {
-            let s = t.stats();
-            sum.lookups += s.lookups;
-            sum.hits += s.hits;
-            sum.misses += s.misses;
-            sum.bad_values += s.bad_values;
-            sum.timeouts += s.timeouts;
-            sum.errors += s.errors;
-            sum.written += s.written;
-            sum.existed += s.existed;
-            sum.refused += s.refused;
-            sum.skipped += s.skipped;
-            sum.write_failures += s.write_failures;
-            sum.disabled += s.disabled;
-            sum.recovered += s.recovered;
-            sum.bytes_read += s.bytes_read;
-            sum.bytes_written += s.bytes_written;
+            sum += t.stats();
         }
         res.remote = Some(sum);
     }

@@ -734,3 +734,54 @@ fn replicas_sharing_a_redis_tier_keep_the_pooled_hit_ratio() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sequential"));
 }
+
+/// `--events` binds one publisher per replica (vLLM's port convention) and
+/// refuses what is not a TCP endpoint; `--router` takes rr or kv.
+#[test]
+fn replica_events_bind_and_bad_endpoints_are_refused() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .min(60_000);
+    let ep = format!("tcp://127.0.0.1:{port}");
+    let v = json(&[
+        "simulate",
+        "--sequential",
+        "--conversations",
+        "20",
+        "--replicas",
+        "2",
+        "--events",
+        &ep,
+    ]);
+    assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+    for (args, msg) in [
+        (
+            vec!["--events", "udp://127.0.0.1:1"],
+            "expected tcp://host:port",
+        ),
+        (
+            vec!["--events", "tcp://127.0.0.1:65535"],
+            "ports past 65535",
+        ),
+        (vec!["--router", "random"], "expected rr"),
+    ] {
+        let out = bin()
+            .args([
+                "simulate",
+                "--sequential",
+                "--conversations",
+                "5",
+                "--replicas",
+                "2",
+            ])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(msg), "{args:?}: {err}");
+    }
+}

@@ -154,6 +154,27 @@ pub struct RemoteStats {
     pub bytes_written: u64,
 }
 
+impl std::ops::AddAssign for RemoteStats {
+    /// Sums the counters of several tiers (one per replica).
+    fn add_assign(&mut self, o: Self) {
+        self.lookups += o.lookups;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.bad_values += o.bad_values;
+        self.timeouts += o.timeouts;
+        self.errors += o.errors;
+        self.written += o.written;
+        self.existed += o.existed;
+        self.refused += o.refused;
+        self.skipped += o.skipped;
+        self.write_failures += o.write_failures;
+        self.disabled += o.disabled;
+        self.recovered += o.recovered;
+        self.bytes_read += o.bytes_read;
+        self.bytes_written += o.bytes_written;
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     lookups: AtomicU64,
