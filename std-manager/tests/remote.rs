@@ -326,6 +326,44 @@ fn a_slow_server_costs_the_scheduler_nothing_past_the_timeout() {
     );
 }
 
+#[test]
+fn writes_past_the_bytes_in_flight_cap_are_skipped_not_queued() {
+    let Some(server) = start("64mb", "allkeys-lru") else {
+        return;
+    };
+    let one = pagedkv_manager::remote::value::HEADER_LEN + BLOCK_BYTES;
+    let t = tier(
+        &server,
+        RemoteConfig {
+            op_timeout: Duration::from_secs(3),
+            max_bytes_in_flight: 3 * one,
+            ..cfg()
+        },
+    );
+    // Writes stall on the server for 500 ms: three values fill the cap.
+    server
+        .command(&[b"CLIENT", b"PAUSE", b"500", b"WRITE"])
+        .unwrap();
+    let keys = chain(9, 10);
+    let at = Instant::now();
+    let taken: Vec<bool> = keys.iter().map(|&k| t.store(k, &bytes_of(k))).collect();
+    assert!(at.elapsed() < Duration::from_millis(50), "store() waited");
+    assert_eq!(
+        taken,
+        [
+            true, true, true, false, false, false, false, false, false, false
+        ]
+    );
+    assert_eq!(t.stats().skipped, 7);
+    assert!(t.flush_blocking(Duration::from_secs(5)));
+    assert_eq!(t.stats().written, 3);
+    let f = t.lookup(&keys).wait_blocking();
+    assert_eq!(f.blocks.len(), 3);
+    check_kv(&keys, &f.blocks);
+    // Room again once they landed.
+    assert!(t.store(keys[3], &bytes_of(keys[3])));
+}
+
 /// Polls lookups until one returns the whole chain; the time since `since`.
 fn recovered(t: &RemoteTier, keys: &[BlockHash], since: Instant) -> Duration {
     let give_up = Instant::now() + Duration::from_secs(10);
