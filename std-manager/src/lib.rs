@@ -16,9 +16,9 @@ pub use engine::{
     Preemption, PreemptionPolicy, Tier,
 };
 pub use error::{InvalidRequest, ManagerError, Result};
-#[cfg(feature = "redis")]
-pub use manager::RemoteUse;
 pub use manager::{Handle, KvManager, MAX_DEVICES, ManagedBackend};
+#[cfg(feature = "redis")]
+pub use manager::{MAX_PREFETCHES, RemoteUse};
 pub use pagedkv_core as core;
 pub use pagedkv_core::{
     BlockId, BlockOrder, BlockTable, DType, KvLayout, MemoryPressure, PressureThresholds,

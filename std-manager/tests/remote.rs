@@ -637,4 +637,18 @@ async fn an_unanswered_lookup_is_a_miss_not_a_wait() {
     assert_eq!((got.remote_hit_blocks, got.computed_tokens), (0, 0));
     assert_eq!(b.remote_use().pending_at_allocation, 1);
     b.check_invariants().unwrap();
+    // Prefetches of requests that never come are bounded and cancellable.
+    let n = pagedkv_manager::MAX_PREFETCHES as u64 + 5;
+    for id in 100..100 + n {
+        b.prefetch_remote(&common::request(id, tokens(2, id as u32)))
+            .unwrap();
+    }
+    assert_eq!(b.remote_use().prefetches_dropped, 5);
+    assert!(
+        b.remote_ready(RequestId(100)).is_none(),
+        "the oldest went first"
+    );
+    assert!(b.cancel_prefetch(RequestId(100 + n - 1)));
+    assert!(!b.cancel_prefetch(RequestId(100 + n - 1)));
+    assert_eq!(b.remote_use().prefetches_dropped, 6);
 }

@@ -68,7 +68,7 @@ use pagedkv_core::{
 pub use self::handle::Handle;
 use self::pools::{CompressedPool, PoolMap, PoolMem};
 #[cfg(feature = "redis")]
-pub use self::remote::RemoteUse;
+pub use self::remote::{MAX_PREFETCHES, RemoteUse};
 use crate::error::{ManagerError, Result};
 use crate::traits::CacheEvictionPolicy;
 use crate::types::{

@@ -23,8 +23,14 @@ use crate::error::Result;
 use crate::remote::{Fetched, Lookup, RemoteTier};
 use crate::types::{AllocationRequest, RequestId};
 
+/// Prefetches kept for requests not allocated yet; past it the oldest is
+/// dropped (a request cancelled in the queue never comes to allocate).
+pub const MAX_PREFETCHES: usize = 1024;
+
 /// A lookup started for a request not allocated yet.
 struct Pending {
+    /// When it started (prefetches so far), to drop the oldest.
+    serial: u64,
     /// Index in the prompt's chain of the first block asked for.
     start: usize,
     lookup: Lookup,
@@ -36,6 +42,7 @@ struct Pending {
 pub(super) struct RemoteSide {
     tier: Option<Arc<RemoteTier>>,
     pending: HashMap<RequestId, Pending>,
+    serials: u64,
     stats: RemoteUse,
 }
 
@@ -45,6 +52,8 @@ pub(super) struct RemoteSide {
 pub struct RemoteUse {
     /// Lookups started by `prefetch_remote`.
     pub prefetches: u64,
+    /// Prefetches dropped unused: past [`MAX_PREFETCHES`], or cancelled.
+    pub prefetches_dropped: u64,
     /// Blocks imported into the host tier from remote answers.
     pub imported_blocks: u64,
     /// Allocations whose lookup had not answered yet (a miss, not a wait).
@@ -103,15 +112,34 @@ impl<B: ManagedBackend> KvManager<B> {
         let lookup = tier.lookup(rest);
         let mut r = lock(&self.shared.remote);
         r.stats.prefetches += 1;
-        r.pending.insert(
+        r.serials += 1;
+        let serial = r.serials;
+        let replaced = r.pending.insert(
             req.request_id,
             Pending {
+                serial,
                 start,
                 lookup,
                 done: None,
             },
         );
+        r.stats.prefetches_dropped += u64::from(replaced.is_some());
+        if r.pending.len() > MAX_PREFETCHES
+            && let Some(oldest) = r.pending.iter().min_by_key(|(_, p)| p.serial).map(|e| *e.0)
+        {
+            r.pending.remove(&oldest);
+            r.stats.prefetches_dropped += 1;
+        }
         Ok(rest.len().min(crate::remote::MAX_LOOKUP_KEYS))
+    }
+
+    /// Drops the prefetch of `id` (a request leaving the queue unserved).
+    /// Returns whether there was one.
+    pub fn cancel_prefetch(&self, id: RequestId) -> bool {
+        let mut r = lock(&self.shared.remote);
+        let had = r.pending.remove(&id).is_some();
+        r.stats.prefetches_dropped += u64::from(had);
+        had
     }
 
     /// Whether the prefetch of `id` has its answer (`None`: none started).
