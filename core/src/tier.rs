@@ -88,34 +88,36 @@ impl<H: BlockHasher> KvCache<'_, H> {
     /// the first block that cannot be taken or that `fill` refuses (returns
     /// false): that block goes back free, unkeyed, so a chain is published
     /// only as far as its bytes are whole. Returns how many keys, from the
-    /// first, `to` holds afterwards. O(1) per key, plus `fill`.
+    /// first, `to` holds afterwards, and how many of those this call
+    /// published. O(1) per key, plus `fill`.
     pub fn import(
         &mut self,
         to: PoolId,
         parent: Option<BlockHash>,
         keys: &[BlockHash],
         mut fill: impl FnMut(usize, crate::BlockId) -> bool,
-    ) -> Result<usize> {
+    ) -> Result<(usize, usize)> {
         let p = self.pool_mut(to)?;
         // Pass 1: hold each block of the chain (found, or taken and filled),
         // so taking a block never evicts the chain's own head.
         let mut parent = parent;
-        let mut held = 0;
+        let (mut held, mut published) = (0, 0);
         for (i, &key) in keys.iter().enumerate() {
             if p.acquire(key).is_none() {
                 let Ok(b) = p.allocate_one() else {
                     break;
                 };
-                let published = fill(i, b)
+                let stored = fill(i, b)
                     && matches!(
                         p.register(b, key, parent),
                         Ok(crate::pool::Registered::Stored)
                     );
-                if !published {
+                if !stored {
                     // Unkeyed: back to the free stack.
                     p.release(b)?;
                     break;
                 }
+                published += 1;
             }
             held += 1;
             parent = Some(key);
@@ -126,7 +128,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
                 p.release(b)?;
             }
         }
-        Ok(held)
+        Ok((held, published))
     }
 
     /// Plans bringing the blocks of a prompt (its chained `keys`) that pool

@@ -238,8 +238,29 @@ fn corrupted_and_truncated_values_are_misses_deleted_and_counted() {
     let f = t.lookup(&keys[9..]).wait_blocking();
     assert_eq!(f.blocks.len(), 1);
     check_kv(&keys[9..], &f.blocks);
+    // A value planted by a writer without the cluster secret: the format,
+    // the header and an (unkeyed) checksum all right, the MAC wrong.
+    let k11 = t.remote_key(keys[11]);
+    let planted = pagedkv_manager::remote::value::encode(
+        keys[11],
+        t.namespace().fingerprint(),
+        Codec::None,
+        None,
+        &bytes_of(keys[11]),
+    );
+    server.command(&[b"SET", &k11, &planted]).unwrap();
+    let f = t.lookup(&keys[11..]).wait_blocking();
+    assert!(f.blocks.is_empty(), "a planted value was served");
+    // A key of another type: a bad value, not a failing server.
+    let k9 = t.remote_key(keys[9]);
+    server.command(&[b"DEL", &k9]).unwrap();
+    server.command(&[b"LPUSH", &k9, b"x"]).unwrap();
+    let f = t.lookup(&keys[9..]).wait_blocking();
+    assert!(matches!(f.end, LookupEnd::Bad(_)), "{:?}", f.end);
+    assert!(f.blocks.is_empty());
     let s = t.stats();
-    assert_eq!(s.bad_values, 3);
+    assert_eq!(s.bad_values, 5);
+    assert_eq!(s.errors, 0);
     assert_eq!(
         t.state(),
         TierState::On,
@@ -470,7 +491,7 @@ fn a_server_killed_mid_fetch_and_restarted_loses_no_kv_and_the_tier_comes_back()
 /// A replica: 8 device blocks, a 16-block host tier offloading every
 /// evicted prefix, on the shared tier. Replicas name blocks alike (the
 /// same `hash_key`, the same namespace).
-fn replica(server: &RedisServer) -> HostManager {
+fn replica(server: &RedisServer) -> (HostManager, Arc<RemoteTier>) {
     let mut cfg = common::config(8);
     cfg.host_blocks = 16;
     cfg.prefix_cache_config = Some(PrefixCacheConfig::default());
@@ -478,24 +499,21 @@ fn replica(server: &RedisServer) -> HostManager {
     cfg.host_admission = HostAdmission::Every;
     cfg.record_events = true;
     let m = HostManager::new(HostBackend::new(), cfg).unwrap();
-    let l = common::layout();
-    let ns = Namespace {
-        model: "replica-test".into(),
-        layout: 0x1a70,
-        dtype: "f16".into(),
-        block_size: l.tokens_per_block,
-        tp_rank: 0,
-    };
-    let t = RemoteTier::redis(
+    let t = Arc::new(replica_tier(server));
+    m.set_remote_tier(Some(t.clone())).unwrap();
+    (m, t)
+}
+
+fn replica_tier(server: &RedisServer) -> RemoteTier {
+    let ns = Namespace::for_layout("replica-test", &common::layout(), 0);
+    RemoteTier::redis(
         &server.url(),
         ns,
         KeyScheme::Keyed([3; 32]),
         Codec::None,
         cfg_fast(),
     )
-    .unwrap();
-    m.set_remote_tier(Some(Arc::new(t)));
-    m
+    .unwrap()
 }
 
 fn cfg_fast() -> RemoteConfig {
@@ -519,7 +537,7 @@ fn kv(i: usize, len: usize) -> Vec<u8> {
 /// Replica A computes a 5-block prompt, then other prompts push it to its
 /// host tier (and so to the remote tier).
 async fn computed_on_a(server: &RedisServer) -> HostManager {
-    let a = replica(server);
+    let (a, tier) = replica(server);
     let p = tokens(5, 1);
     a.allocate_request(&common::request(1, p)).await.unwrap();
     let len = common::layout().block_bytes().unwrap() as usize;
@@ -534,6 +552,10 @@ async fn computed_on_a(server: &RedisServer) -> HostManager {
         a.deallocate(RequestId(id)).await.unwrap();
     }
     assert!(a.remote_use().writes_queued >= 5, "{:?}", a.remote_use());
+    assert!(
+        tier.flush_blocking(Duration::from_secs(10)),
+        "writes did not land"
+    );
     a
 }
 
@@ -551,8 +573,7 @@ async fn a_replica_serves_a_prompt_another_computed_with_its_kv_intact() {
         return;
     };
     let _a = computed_on_a(&server).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let b = replica(&server);
+    let (b, _) = replica(&server);
     let req = common::request(10, tokens(5, 1));
     assert_eq!(b.prefetch_remote(&req).unwrap(), 5);
     ready(&b, 10).await;
@@ -571,20 +592,7 @@ async fn a_replica_serves_a_prompt_another_computed_with_its_kv_intact() {
 
     // Block 3 corrupted in the store: replica C gets blocks 0..3 only, and
     // computes the rest itself.
-    let t = RemoteTier::redis(
-        &server.url(),
-        Namespace {
-            model: "replica-test".into(),
-            layout: 0x1a70,
-            dtype: "f16".into(),
-            block_size: BS,
-            tp_rank: 0,
-        },
-        KeyScheme::Keyed([3; 32]),
-        Codec::None,
-        cfg_fast(),
-    )
-    .unwrap();
+    let t = replica_tier(&server);
     let mut events = Vec::new();
     b.drain_events(&mut events);
     let k3 = events
@@ -599,7 +607,7 @@ async fn a_replica_serves_a_prompt_another_computed_with_its_kv_intact() {
     server
         .command(&[b"SETRANGE", &t.remote_key(k3), b"100", b"bad"])
         .unwrap();
-    let c = replica(&server);
+    let (c, _) = replica(&server);
     let req = common::request(20, tokens(5, 1));
     c.prefetch_remote(&req).unwrap();
     ready(&c, 20).await;
@@ -620,8 +628,7 @@ async fn an_unanswered_lookup_is_a_miss_not_a_wait() {
         return;
     };
     let _a = computed_on_a(&server).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let b = replica(&server);
+    let (b, _) = replica(&server);
     server
         .command(&[b"CLIENT", b"PAUSE", b"1000", b"ALL"])
         .unwrap();

@@ -455,7 +455,7 @@ fn imported_blocks_are_published_only_as_far_as_their_bytes_are_whole() {
             i != 2
         })
         .unwrap();
-    assert_eq!(n, 2);
+    assert_eq!(n, (2, 2));
     let host = c.pool(HOST).unwrap();
     assert!(host.lookup(keys[0]).is_some() && host.lookup(keys[1]).is_some());
     assert!(host.lookup(keys[2]).is_none());
@@ -483,13 +483,16 @@ fn imported_blocks_are_published_only_as_far_as_their_bytes_are_whole() {
         filled.push(b);
         true
     });
-    assert_eq!(n, Ok(4));
+    assert_eq!(n, Ok((4, 2)), "two held already, two published");
     assert_eq!(filled.len(), 2);
     let host = c.pool(HOST).unwrap();
     assert_eq!((host.cached_len(), host.used_len()), (4, 0));
     assert!(keys[..4].iter().all(|&k| host.lookup(k).is_some()));
     // The tail is next out: a one-block import evicts keys[3].
-    assert_eq!(c.import(HOST, None, &[BlockHash(1)], |_, _| true), Ok(1));
+    assert_eq!(
+        c.import(HOST, None, &[BlockHash(1)], |_, _| true),
+        Ok((1, 1))
+    );
     let host = c.pool(HOST).unwrap();
     assert!(host.lookup(keys[3]).is_none() && host.lookup(keys[0]).is_some());
     c.check_invariants().unwrap();

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::transfer::{Bytes, block_bytes};
 use super::{DevSide, KvManager, ManagedBackend, lock};
-use crate::error::Result;
+use crate::error::{InvalidRequest, Result};
 use crate::remote::{Fetched, Lookup, RemoteTier};
 use crate::types::{AllocationRequest, RequestId};
 
@@ -63,16 +63,50 @@ pub struct RemoteUse {
     pub import_refused: u64,
     /// Host-tier blocks queued for writing to the remote tier.
     pub writes_queued: u64,
+    /// Offloads whose bytes could not be read for the remote tier.
+    pub write_errors: u64,
 }
 
 impl<B: ManagedBackend> KvManager<B> {
-    /// Puts a remote tier under the host tier (or removes it). Needs a host
-    /// tier (`host_blocks`) and prefix caching; blocks offloaded to the host
-    /// tier from then on are written to it.
-    pub fn set_remote_tier(&self, tier: Option<Arc<RemoteTier>>) {
+    /// Puts a remote tier under the host tier (or removes it); blocks
+    /// offloaded to the host tier from then on are written to it. Refused
+    /// (nothing changes) without a host tier (`host_blocks`), or when the
+    /// tier's namespace is not this manager's layout (block size, and the
+    /// layout fingerprint of [`Namespace::for_layout`]): replicas must never
+    /// exchange bytes that mean something else.
+    ///
+    /// [`Namespace::for_layout`]: crate::remote::Namespace::for_layout
+    pub fn set_remote_tier(&self, tier: Option<Arc<RemoteTier>>) -> Result<()> {
+        if let Some(t) = &tier {
+            let layout = &self.shared.config.layout;
+            let ns = t.namespace();
+            let want = crate::remote::layout_fingerprint(layout);
+            let wrong = if self.shared.pools.host().is_none() {
+                Some(("host tier blocks (a remote tier sits under it)", 0, 1))
+            } else if ns.block_size != layout.tokens_per_block {
+                let b = layout.tokens_per_block as usize;
+                Some((
+                    "the remote namespace's block size",
+                    ns.block_size as usize,
+                    b,
+                ))
+            } else if ns.layout != want {
+                Some((
+                    "the remote namespace's layout fingerprint",
+                    ns.layout as usize,
+                    want as usize,
+                ))
+            } else {
+                None
+            };
+            if let Some((what, got, want)) = wrong {
+                return Err(InvalidRequest::Layout { what, got, want }.into());
+            }
+        }
         let mut r = lock(&self.shared.remote);
         r.tier = tier;
         r.pending.clear();
+        Ok(())
     }
 
     /// What the manager did with the remote tier.
@@ -152,9 +186,20 @@ impl<B: ManagedBackend> KvManager<B> {
         Some(p.done.is_some())
     }
 
-    /// At allocation: imports into the host tier the blocks the prefetch of
-    /// `id` found, if it has answered. Returns the blocks imported.
-    pub(super) fn import_remote(&self, id: RequestId, keys: &[BlockHash]) -> Result<u64> {
+    /// At allocation on device `d`: imports into the host tier the blocks
+    /// the prefetch of `id` found, if it has answered, and if the prompt's
+    /// chain before them is still on device `d` or the host tier (held
+    /// during the import, so the import cannot evict it). Returns the blocks
+    /// imported. Never fails the allocation: a backend error is counted as a
+    /// refused import.
+    pub(super) fn import_remote(&self, id: RequestId, d: usize, keys: &[BlockHash]) -> u64 {
+        self.try_import(id, d, keys).unwrap_or_else(|_| {
+            lock(&self.shared.remote).stats.import_refused += 1;
+            0
+        })
+    }
+
+    fn try_import(&self, id: RequestId, d: usize, keys: &[BlockHash]) -> Result<u64> {
         let (Some(host), Some(mut p)) = (
             self.shared.pools.host(),
             lock(&self.shared.remote).pending.remove(&id),
@@ -176,7 +221,7 @@ impl<B: ManagedBackend> KvManager<B> {
         if n == 0 {
             return Ok(0);
         }
-        let parent = p.start.checked_sub(1).and_then(|i| keys.get(i)).copied();
+        let end = p.start + n;
         let imported = {
             let mut dev = lock(&self.shared.dev);
             let DevSide { backend, mems, .. } = &mut *dev;
@@ -185,48 +230,75 @@ impl<B: ManagedBackend> KvManager<B> {
                 return Ok(0);
             };
             let want = m.layout.block_bytes()? as usize;
-            inner.cache.import(host, parent, &chain[..n], |i, b| {
-                let bytes = &f.blocks[i].1;
-                bytes.len() == want && block_bytes(backend, m, b, Bytes::Write(bytes)).is_ok()
-            })?
+            // The chain from the device's leading hits: the part before the
+            // fetched blocks must be on the host tier (held by the import),
+            // else the fetched blocks would be published without a parent.
+            let device = inner.cache.pool(self.shared.pools.device(d))?;
+            let lo = keys
+                .iter()
+                .take_while(|&&k| device.lookup(k).is_some())
+                .count()
+                .min(end);
+            let parent = lo.checked_sub(1).and_then(|i| keys.get(i)).copied();
+            let start = p.start;
+            let (_, published) = inner.cache.import(host, parent, &keys[lo..end], |i, b| {
+                let Some(bytes) = (lo + i).checked_sub(start).and_then(|j| f.blocks.get(j)) else {
+                    // A block before the fetched ones left the host tier.
+                    return false;
+                };
+                bytes.1.len() == want && block_bytes(backend, m, b, Bytes::Write(&bytes.1)).is_ok()
+            })?;
+            published
         };
         let mut r = lock(&self.shared.remote);
         r.stats.imported_blocks += imported as u64;
-        r.stats.import_refused += (n - imported) as u64;
+        r.stats.import_refused += n.saturating_sub(imported) as u64;
         Ok(imported as u64)
     }
 
     /// After an offload to the host tier landed: queues the bytes of its
-    /// target blocks (those still holding a key) for the remote tier.
-    pub(super) fn write_remote(&self, host: PoolId, blocks: &[BlockId]) -> Result<()> {
+    /// target blocks (those still holding a key) for the remote tier. The
+    /// bytes are copied under the locks that keep the blocks from being
+    /// reused; encoding and queueing happen after. Never fails the caller: a
+    /// backend error is counted (`write_errors`).
+    pub(super) fn write_remote(&self, host: PoolId, blocks: &[BlockId]) {
         let Some(tier) = lock(&self.shared.remote).tier.clone() else {
-            return Ok(());
+            return;
         };
-        let mut queued = 0;
-        {
-            let mut dev = lock(&self.shared.dev);
-            let DevSide { backend, mems, .. } = &mut *dev;
-            let inner = lock(&self.shared.inner);
-            let (Some(m), Ok(pool)) = (
-                mems.get(self.shared.pools.mem(host)),
-                inner.cache.pool(host),
-            ) else {
-                return Ok(());
-            };
-            let mut buf = vec![0u8; m.layout.block_bytes()? as usize];
-            for &b in blocks {
-                // A block's key names immutable content: read under the lock
-                // that keeps it from being reused meanwhile.
-                let Ok(Some(key)) = pool.key_of(b) else {
-                    continue;
-                };
-                block_bytes(backend, m, b, Bytes::Read(&mut buf))?;
-                if tier.store(key, &buf) {
-                    queued += 1;
-                }
+        let copied = self.copy_out(host, blocks);
+        let mut r = lock(&self.shared.remote);
+        match copied {
+            Ok(items) => {
+                let queued = items.iter().filter(|(k, v)| tier.store(*k, v)).count();
+                r.stats.writes_queued += queued as u64;
             }
+            Err(_) => r.stats.write_errors += 1,
         }
-        lock(&self.shared.remote).stats.writes_queued += queued;
-        Ok(())
+    }
+
+    /// The keys and bytes of those of `blocks` (in pool `host`) that hold a
+    /// key now.
+    fn copy_out(&self, host: PoolId, blocks: &[BlockId]) -> Result<Vec<(BlockHash, Vec<u8>)>> {
+        let mut dev = lock(&self.shared.dev);
+        let DevSide { backend, mems, .. } = &mut *dev;
+        let inner = lock(&self.shared.inner);
+        let (Some(m), Ok(pool)) = (
+            mems.get(self.shared.pools.mem(host)),
+            inner.cache.pool(host),
+        ) else {
+            return Ok(Vec::new());
+        };
+        let len = m.layout.block_bytes()? as usize;
+        let mut out = Vec::with_capacity(blocks.len());
+        for &b in blocks {
+            // A block's key names immutable content.
+            let Ok(Some(key)) = pool.key_of(b) else {
+                continue;
+            };
+            let mut buf = vec![0u8; len];
+            block_bytes(backend, m, b, Bytes::Read(&mut buf))?;
+            out.push((key, buf));
+        }
+        Ok(out)
     }
 }

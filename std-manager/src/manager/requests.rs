@@ -209,7 +209,7 @@ impl<B: ManagedBackend> KvManager<B> {
         let device = pp.device;
         let mut host_hits = 0;
         #[cfg(feature = "redis")]
-        let remote = self.import_remote(req.request_id, &pp.keys)?;
+        let remote = self.import_remote(req.request_id, device, &pp.keys);
         #[cfg(not(feature = "redis"))]
         let remote = 0;
         if !pp.keys.is_empty() {

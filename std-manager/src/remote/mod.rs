@@ -93,19 +93,51 @@ pub struct Namespace {
 }
 
 impl Namespace {
+    /// The namespace of `model`'s KV in `layout` at tensor-parallel rank
+    /// `tp_rank`: the layout fingerprint, dtype and block size derived from
+    /// the layout itself (`KvManager::set_remote_tier` checks them).
+    pub fn for_layout(model: &str, layout: &pagedkv_core::KvLayout, tp_rank: u32) -> Self {
+        Self {
+            model: model.to_string(),
+            layout: layout_fingerprint(layout),
+            dtype: format!("{:?}", layout.dtype).to_lowercase(),
+            block_size: layout.tokens_per_block,
+            tp_rank,
+        }
+    }
+
     /// The key prefix: readable, so an operator can scan or flush one model.
-    pub fn prefix(&self) -> String {
+    /// The value format's version and the codec are part of it, so builds of
+    /// different formats, and replicas of different codecs, never read (or
+    /// delete) each other's values.
+    pub fn prefix(&self, codec: Codec) -> String {
         format!(
-            "pagedkv:{}:{:016x}:{}:b{}:tp{}:",
-            self.model, self.layout, self.dtype, self.block_size, self.tp_rank
+            "pagedkv:v{}:{}:{:016x}:{}:b{}:tp{}:{codec:?}:",
+            value::VERSION,
+            self.model,
+            self.layout,
+            self.dtype,
+            self.block_size,
+            self.tp_rank
         )
     }
 
     /// The value header's layout fingerprint: every field of the namespace.
     pub fn fingerprint(&self) -> u64 {
-        let d = Sha256::digest(self.prefix().as_bytes());
+        let d = Sha256::digest(self.prefix(Codec::None).as_bytes());
         u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
     }
+}
+
+/// A fingerprint of every field of a KV layout that decides what its bytes
+/// mean (layers, heads, head size, block size, dtype, order).
+pub fn layout_fingerprint(l: &pagedkv_core::KvLayout) -> u64 {
+    let desc = format!(
+        "layers={} kv_heads={} head_size={} tokens={} dtype={:?} order={:?}",
+        l.layers, l.kv_heads, l.head_size, l.tokens_per_block, l.dtype, l.order
+    );
+    let d = Sha256::digest(desc.as_bytes());
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
 /// How a block key becomes a remote key.
@@ -114,14 +146,34 @@ pub enum KeyScheme {
     /// SHA-256 of the namespace and the block key.
     Sha256,
     /// SHA-256 keyed with a secret the cluster shares: a client without it
-    /// can neither guess a key from a prompt nor plant a value under one.
+    /// can neither guess a key from a prompt nor plant a value that passes
+    /// (values carry a MAC under a key derived from the secret). With
+    /// [`Sha256`](Self::Sha256), anyone who can write to the store can plant
+    /// KV under a key they compute: use it only on a store no one else
+    /// writes to.
     Keyed([u8; 32]),
 }
 
 impl KeyScheme {
-    /// The remote key of `key` in `ns`.
-    pub fn key(&self, ns: &Namespace, key: BlockHash) -> Vec<u8> {
-        let prefix = ns.prefix();
+    /// The values' MAC key (derived from the secret; `None` unkeyed).
+    pub fn mac_key(&self) -> Option<[u8; 16]> {
+        match self {
+            KeyScheme::Sha256 => None,
+            KeyScheme::Keyed(secret) => {
+                let mut h = Sha256::new();
+                h.update(b"pagedkv value mac");
+                h.update(secret);
+                let d = h.finalize();
+                let mut k = [0u8; 16];
+                k.copy_from_slice(&d[..16]);
+                Some(k)
+            }
+        }
+    }
+
+    /// The remote key of `key` in `ns`, for values of `codec`.
+    pub fn key(&self, ns: &Namespace, codec: Codec, key: BlockHash) -> Vec<u8> {
+        let prefix = ns.prefix(codec);
         let mut h = Sha256::new();
         if let KeyScheme::Keyed(secret) = self {
             h.update(secret);
@@ -182,20 +234,28 @@ mod tests {
     }
 
     #[test]
-    fn keys_differ_by_namespace_scheme_and_secret() {
+    fn keys_differ_by_namespace_codec_scheme_and_secret() {
         let k = BlockHash(42);
-        let a = KeyScheme::Sha256.key(&ns(), k);
-        assert!(a.starts_with(b"pagedkv:m:0000000000000001:f16:b16:tp0:"));
-        assert_eq!(a, KeyScheme::Sha256.key(&ns(), k));
+        let c = Codec::None;
+        let a = KeyScheme::Sha256.key(&ns(), c, k);
+        assert!(a.starts_with(b"pagedkv:v1:m:0000000000000001:f16:b16:tp0:None:"));
+        assert_eq!(a, KeyScheme::Sha256.key(&ns(), c, k));
+        let tail = |v: &[u8]| v[v.len() - 32..].to_vec();
         let rank1 = Namespace { tp_rank: 1, ..ns() };
+        assert_ne!(tail(&a), tail(&KeyScheme::Sha256.key(&rank1, c, k)));
         assert_ne!(
-            a[a.len() - 32..],
-            KeyScheme::Sha256.key(&rank1, k)[a.len() - 32..]
+            tail(&a),
+            tail(&KeyScheme::Sha256.key(&ns(), Codec::Int8, k))
         );
-        let s1 = KeyScheme::Keyed([1; 32]).key(&ns(), k);
-        let s2 = KeyScheme::Keyed([2; 32]).key(&ns(), k);
+        let s1 = KeyScheme::Keyed([1; 32]).key(&ns(), c, k);
+        let s2 = KeyScheme::Keyed([2; 32]).key(&ns(), c, k);
         assert_ne!(s1, s2);
         assert_ne!(s1, a);
         assert_ne!(ns().fingerprint(), rank1.fingerprint());
+        assert_eq!(KeyScheme::Sha256.mac_key(), None);
+        assert_ne!(
+            KeyScheme::Keyed([1; 32]).mac_key(),
+            KeyScheme::Keyed([2; 32]).mac_key()
+        );
     }
 }

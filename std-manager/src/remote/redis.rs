@@ -11,8 +11,12 @@ use redis::{RedisResult, Script, Value};
 use super::{PutOutcome, RemoteStore, StoreError};
 
 /// The leading run of present keys, computed by the server: one round trip
-/// however long the chain.
-const LEADING: &str = "for i = 1, #KEYS do \
+/// however long the chain. Flagged read-only and allowed under memory
+/// pressure (Redis 7+, Valkey), so a server pausing writes (`CLIENT PAUSE
+/// WRITE`, a failover) or full still answers it. Single node: on a
+/// cluster its keys would span slots.
+const LEADING: &str = "#!lua flags=no-writes,allow-oom
+for i = 1, #KEYS do \
     if redis.call('EXISTS', KEYS[i]) == 0 then return i - 1 end \
 end \
 return #KEYS";
@@ -89,7 +93,21 @@ impl RemoteStore for RedisStore {
         for k in keys {
             pipe.cmd("GET").arg(k.as_slice());
         }
-        pipe.query_async(&mut con).await.map_err(io)
+        // A key of another type answers with an error: that key is a bad
+        // value (empty bytes fail every check), not a failed batch.
+        let replies: Vec<RedisResult<Value>> = pipe
+            .ignore_errors()
+            .query_async(&mut con)
+            .await
+            .map_err(io)?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r {
+                Ok(Value::Nil) => None,
+                Ok(Value::BulkString(b)) => Some(b),
+                _ => Some(Vec::new()),
+            })
+            .collect())
     }
 
     async fn put_nx(&self, items: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<PutOutcome>, StoreError> {

@@ -54,8 +54,8 @@ pub struct Fetched {
     pub end: LookupEnd,
 }
 
-/// A lookup under way. Dropping it abandons the result; nothing is
-/// published by the tier itself.
+/// A lookup under way. Dropping it abandons the result (the fetch stops
+/// before its next batch); nothing is published by the tier itself.
 #[derive(Debug)]
 pub struct Lookup {
     rx: Option<oneshot::Receiver<Fetched>>,
@@ -96,7 +96,8 @@ impl Lookup {
         }
     }
 
-    /// Waits for the result (bounded: every operation has its timeout).
+    /// Waits for the result: bounded by the operations' timeouts, at most
+    /// `(2 + keys / fetch_batch) * op_timeout`.
     pub async fn wait(mut self) -> Fetched {
         if let Some(f) = self.ready.take() {
             return f;
@@ -204,9 +205,13 @@ struct Shared {
     scheme: KeyScheme,
     fingerprint: u64,
     codec: Codec,
+    /// The values' MAC key (from the cluster secret).
+    mac: Option<[u8; 16]>,
     cfg: RemoteConfig,
     on: AtomicBool,
     failures: AtomicU32,
+    /// The next probe's first delay, in microseconds.
+    probe_from: AtomicU64,
     in_flight: AtomicUsize,
     queued: AtomicUsize,
     c: Counters,
@@ -276,12 +281,14 @@ impl RemoteTier {
         let shared = Arc::new(Shared {
             store,
             fingerprint: ns.fingerprint(),
+            mac: scheme.mac_key(),
             ns,
             scheme,
             codec,
             cfg,
             on: AtomicBool::new(true),
             failures: AtomicU32::new(0),
+            probe_from: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             c: Counters::default(),
@@ -317,7 +324,9 @@ impl RemoteTier {
 
     /// The remote key of `key` (for operators and tests).
     pub fn remote_key(&self, key: BlockHash) -> Vec<u8> {
-        self.shared.scheme.key(&self.shared.ns, key)
+        self.shared
+            .scheme
+            .key(&self.shared.ns, self.shared.codec, key)
     }
 
     /// Starts a lookup of the chained `keys` (the first
@@ -343,7 +352,7 @@ impl RemoteTier {
         let (tx, rx) = oneshot::channel();
         let shared = s.clone();
         self.spawn(async move {
-            let f = fetch(&shared, &keys).await;
+            let f = fetch(&shared, &keys, &tx).await;
             add(&shared.c.hits, f.blocks.len());
             add(&shared.c.misses, keys.len() - f.blocks.len());
             let _ = tx.send(f);
@@ -359,7 +368,7 @@ impl RemoteTier {
     /// is off or the bytes in flight would pass the cap.
     pub fn store(&self, key: BlockHash, payload: &[u8]) -> bool {
         let s = &self.shared;
-        let v = value::encode(key, s.fingerprint, s.codec, payload);
+        let v = value::encode(key, s.fingerprint, s.codec, s.mac, payload);
         let n = v.len();
         let cap = s.cfg.max_bytes_in_flight;
         let admitted = s.on.load(Relaxed)
@@ -464,12 +473,17 @@ fn failed(s: &Arc<Shared>) {
     }
 }
 
-/// Pings with doubling delays until the store answers, then turns the tier on.
+/// Pings with doubling delays until the store answers, then turns the tier
+/// on. The first delay is where the last probe left off, halved (a server
+/// that keeps failing is not pinged every `probe_min`).
 async fn probe(s: Arc<Shared>) {
-    let mut delay = s.cfg.probe_min;
+    let mut delay = Duration::from_micros(s.probe_from.load(Relaxed)).max(s.cfg.probe_min);
     loop {
         tokio::time::sleep(delay).await;
         if let Ok(Ok(())) = tokio::time::timeout(s.cfg.op_timeout, s.store.ping()).await {
+            let next = (delay / 2).max(s.cfg.probe_min);
+            s.probe_from
+                .store(u64::try_from(next.as_micros()).unwrap_or(u64::MAX), Relaxed);
             s.failures.store(0, Relaxed);
             s.on.store(true, Relaxed);
             add(&s.c.recovered, 1);
@@ -479,22 +493,37 @@ async fn probe(s: Arc<Shared>) {
     }
 }
 
-async fn fetch(s: &Arc<Shared>, keys: &[BlockHash]) -> Fetched {
-    let rkeys: Vec<Vec<u8>> = keys.iter().map(|&k| s.scheme.key(&s.ns, k)).collect();
+/// The lookup of `keys`; stops early (returning nothing anyone reads)
+/// once the `Lookup` waiting on `tx` is dropped.
+async fn fetch(s: &Arc<Shared>, keys: &[BlockHash], tx: &oneshot::Sender<Fetched>) -> Fetched {
+    let rkeys: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|&k| s.scheme.key(&s.ns, s.codec, k))
+        .collect();
     let mut blocks = Vec::new();
+    // A store answering more than it was asked is held to the keys asked.
     let n = match op(s, s.store.leading(&rkeys)).await {
-        Ok(n) => n,
+        Ok(n) => n.min(keys.len()),
         Err(end) => return Fetched { blocks, end },
     };
     let batch = s.cfg.fetch_batch.max(1);
     let mut at = 0;
     while at < n {
+        if tx.is_closed() {
+            // Abandoned: fetch no more.
+            return Fetched {
+                blocks,
+                end: LookupEnd::Missing,
+            };
+        }
         let to = (at + batch).min(n);
         let vals = match op(s, s.store.get(&rkeys[at..to])).await {
             Ok(v) => v,
             Err(end) => return Fetched { blocks, end },
         };
-        for (i, v) in vals.into_iter().enumerate() {
+        // A short answer ends the chain where it stops.
+        let answered = vals.len().min(to - at);
+        for (i, v) in vals.into_iter().take(answered).enumerate() {
             let key = keys[at + i];
             let Some(mut v) = v else {
                 // Evicted (or deleted) since the existence check.
@@ -503,7 +532,7 @@ async fn fetch(s: &Arc<Shared>, keys: &[BlockHash]) -> Fetched {
                     end: LookupEnd::Missing,
                 };
             };
-            match value::decode(&v, key, s.fingerprint, s.codec) {
+            match value::decode(&v, key, s.fingerprint, s.codec, s.mac) {
                 Ok(_) => {
                     add(&s.c.bytes_read, v.len());
                     v.drain(..value::HEADER_LEN);
@@ -518,6 +547,12 @@ async fn fetch(s: &Arc<Shared>, keys: &[BlockHash]) -> Fetched {
                     };
                 }
             }
+        }
+        if answered < to - at {
+            return Fetched {
+                blocks,
+                end: LookupEnd::Missing,
+            };
         }
         at = to;
     }
