@@ -609,6 +609,11 @@ fn replicas(
     if args.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
+    if cfg.tenants > 1 {
+        // The router's mirrors and the remote tier name blocks by the
+        // workload's keys, not the manager's salted ones.
+        bail!("--replicas and --remote replay one tenant: drop --tenants");
+    }
     let router = Router::parse(&args.router)?;
     let n = args.replicas;
     let pooled_cfg = SimConfig {

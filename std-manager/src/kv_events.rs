@@ -15,20 +15,29 @@
 //!   `[seq, payload]`, then `[-1, empty]`; the last `buffer_steps` batches
 //!   are kept.
 //!
-//! The manager's own events map as follows: `Stored`, `Removed` and
-//! `Cleared` one to one; `Lost` (the core's queue overflowed, so the router's
-//! mirror is incomplete) as `AllBlocksCleared`, which makes the router forget
-//! this replica's blocks rather than trust a mirror with holes; `Preempted`
-//! is not a cache event and is not sent.
+//! The manager's own events map as follows: `Stored` and `Removed` one to
+//! one; `Cleared` (of any tier: vLLM's event names none) and `Lost` (the
+//! core's queue overflowed, so the router's mirror is incomplete) as
+//! `AllBlocksCleared`, which makes the router forget this replica's blocks
+//! rather than trust a mirror with holes; `Preempted` is not a cache event
+//! and is not sent.
+//!
+//! This is current vLLM's encoding (msgspec structs as maps). Readers built
+//! for vLLM's older array encoding (`array_like`), and routers that take
+//! block hashes only as 64-bit integers, do not read it.
+//!
+//! A replay is served by a task of its own, each send under a timeout: a
+//! subscriber that asks and never reads stalls neither the live stream nor
+//! other replays.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use pagedkv_core::BlockHash;
 use tokio::sync::mpsc;
-use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{PubSocket, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::engine::{ManagerEvent, Tier};
 
@@ -183,8 +192,9 @@ pub fn encode_batch(ts: f64, events: &[ManagerEvent], dp_rank: Option<u32>) -> O
 /// Publishes batches of events (ZMQ PUB) and serves replays (ZMQ ROUTER)
 /// from a thread of its own; [`publish`](Self::publish) never waits.
 pub struct KvEventPublisher {
-    tx: mpsc::UnboundedSender<(u64, Bytes)>,
-    next: AtomicU64,
+    /// The next sequence number and the channel to the publisher's task:
+    /// numbered and sent under one lock, so batches leave in number order.
+    tx: Mutex<(u64, mpsc::UnboundedSender<(u64, Bytes)>)>,
     endpoint: String,
     replay_endpoint: Option<String>,
     rank: Option<u32>,
@@ -236,8 +246,7 @@ impl KvEventPublisher {
         let topic = Bytes::from(cfg.topic.into_bytes());
         rt.spawn(serve(publisher, router, rx, topic, cfg.buffer_steps.max(1)));
         Ok(Self {
-            tx,
-            next: AtomicU64::new(0),
+            tx: Mutex::new((0, tx)),
             endpoint,
             replay_endpoint,
             rank: cfg.data_parallel_rank,
@@ -265,8 +274,10 @@ impl KvEventPublisher {
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let payload = encode_batch(ts, events, self.rank)?;
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        self.tx.send((seq, Bytes::from(payload))).ok()?;
+        let mut g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = g.0;
+        g.1.send((seq, Bytes::from(payload))).ok()?;
+        g.0 += 1;
         Some(seq)
     }
 }
@@ -294,6 +305,9 @@ fn msg(frames: Vec<Bytes>) -> Option<ZmqMessage> {
     ZmqMessage::try_from(frames).ok()
 }
 
+/// How long one replay message may wait for a slow subscriber.
+const REPLAY_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
 async fn serve(
     mut publisher: PubSocket,
     router: Option<RouterSocket>,
@@ -302,10 +316,10 @@ async fn serve(
     keep: usize,
 ) {
     let mut buffer: VecDeque<(u64, Bytes)> = VecDeque::new();
-    let (mut rsend, mut rrecv) = match router {
+    let (rsend, mut rrecv) = match router {
         Some(r) => {
             let (s, r) = r.split();
-            (Some(s), Some(r))
+            (Some(Arc::new(tokio::sync::Mutex::new(s))), Some(r))
         }
         None => (None, None),
     };
@@ -331,31 +345,50 @@ async fn serve(
                 buffer.push_back((seq, payload));
             }
             req = replay => {
-                let (Some(req), Some(s)) = (req, rsend.as_mut()) else { continue };
+                let (Some(req), Some(s)) = (req, rsend.as_ref()) else { continue };
                 let frames = req.into_vec();
                 // [identity, empty delimiter, start seq] (a REQ client), or
                 // [identity, start seq] (a DEALER).
                 let (Some(id), Some(start)) = (frames.first(), frames.last()) else { continue };
                 let Ok(start) = <[u8; 8]>::try_from(start.as_ref()) else { continue };
                 let start = u64::from_be_bytes(start);
-                let delim = frames.len() == 3;
-                let reply = |a: Bytes, b: Bytes| {
-                    let mut f = vec![id.clone()];
-                    if delim {
-                        f.push(Bytes::new());
-                    }
-                    f.extend([a, b]);
-                    msg(f)
-                };
-                for (seq, payload) in buffer.iter().filter(|(q, _)| *q >= start) {
-                    if let Some(m) = reply(Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone()) {
-                        let _ = s.send(m).await;
-                    }
-                }
-                if let Some(m) = reply(Bytes::copy_from_slice(&END_SEQ.to_be_bytes()), Bytes::new()) {
-                    let _ = s.send(m).await;
-                }
+                let from: Vec<(u64, Bytes)> =
+                    buffer.iter().filter(|(q, _)| *q >= start).cloned().collect();
+                tokio::spawn(replay_to(s.clone(), id.clone(), frames.len() == 3, from));
             }
+        }
+    }
+}
+
+/// Sends `batches` then the end marker to one replay client, giving up on a
+/// client that does not read.
+async fn replay_to(
+    send: Arc<tokio::sync::Mutex<RouterSendHalf>>,
+    id: Bytes,
+    delim: bool,
+    batches: Vec<(u64, Bytes)>,
+) {
+    let reply = |a: Bytes, b: Bytes| {
+        let mut f = vec![id.clone()];
+        if delim {
+            f.push(Bytes::new());
+        }
+        f.extend([a, b]);
+        msg(f)
+    };
+    let end = (END_SEQ.to_be_bytes(), Bytes::new());
+    let all = batches
+        .into_iter()
+        .map(|(seq, p)| (seq.to_be_bytes(), p))
+        .chain(std::iter::once(end));
+    let mut s = send.lock().await;
+    for (seq, payload) in all {
+        let Some(m) = reply(Bytes::copy_from_slice(&seq), payload) else {
+            return;
+        };
+        match tokio::time::timeout(REPLAY_SEND_TIMEOUT, s.send(m)).await {
+            Ok(Ok(())) => {}
+            _ => return,
         }
     }
 }

@@ -195,9 +195,13 @@ async fn a_subscriber_decodes_every_batch_in_order_and_replays_what_it_missed() 
     for (i, b) in batches.iter().enumerate().skip(2) {
         assert_eq!(p.publish(b), Some(i as u64));
     }
-    let mut live = Vec::new();
-    while live.len() < batches.len() - 2 {
-        let m = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+    // Live batches until the last: a subscription still settling may miss
+    // the first few (PUB drops for a subscriber not yet known), which is
+    // what replay is for; what arrives is in order, with no gap.
+    let last = batches.len() as i64 - 1;
+    let mut live: Vec<(i64, Vec<u8>)> = Vec::new();
+    while live.last().map(|l| l.0) != Some(last) {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.recv())
             .await
             .expect("the live batches arrive")
             .unwrap()
@@ -206,19 +210,23 @@ async fn a_subscriber_decodes_every_batch_in_order_and_replays_what_it_missed() 
         assert_eq!(&m[0][..], b"kv@replica0");
         live.push((seq_of(&m[1]), m[2].to_vec()));
     }
-    // In order, with no gap, each batch exactly the manager's events.
+    let first = live[0].0;
+    assert!(
+        first >= 2,
+        "batches published before the subscriber connected"
+    );
     for (i, (seq, payload)) in live.iter().enumerate() {
-        assert_eq!(*seq, i as i64 + 2);
+        assert_eq!(*seq, first + i as i64, "in order, no gap");
         check_batch(payload, &batches[*seq as usize]);
     }
-    // The subscriber saw 2 first: it asks for everything from 0.
+    // The subscriber saw `first` first: it asks for everything from 0.
     let got = replay(p.replay_endpoint().unwrap(), 0).await;
     assert_eq!(got.len(), batches.len());
     for (i, (seq, payload)) in got.iter().enumerate() {
         assert_eq!(*seq, i as i64);
         check_batch(payload, &batches[i]);
-        if i >= 2 {
-            assert_eq!(payload, &live[i - 2].1, "replay sends the bytes published");
+        if let Some(l) = live.iter().find(|l| l.0 == *seq) {
+            assert_eq!(payload, &l.1, "replay sends the bytes published");
         }
     }
     let tail = replay(p.replay_endpoint().unwrap(), 4).await;
@@ -261,4 +269,57 @@ async fn replay_keeps_the_last_buffer_steps_batches() {
     for (_, payload) in &got {
         check_batch(payload, &ev);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_client_that_never_reads_stalls_nothing() {
+    let p = KvEventPublisher::bind(PublisherConfig {
+        endpoint: "tcp://127.0.0.1:0".into(),
+        replay_endpoint: Some("tcp://127.0.0.1:0".into()),
+        topic: String::new(),
+        buffer_steps: 100_000,
+        data_parallel_rank: Some(3),
+    })
+    .unwrap();
+    // Big batches, so a client that never reads fills its queue.
+    let keys: Vec<_> = (0..4).map(pagedkv_manager::core::BlockHash).collect();
+    let ev: Vec<ManagerEvent> = (0..400)
+        .map(|_| ManagerEvent::Stored {
+            tier: Tier::Host,
+            parent: None,
+            keys: keys.clone(),
+            tokens: vec![7; 64],
+            block_size: 16,
+        })
+        .collect();
+    for _ in 0..300 {
+        p.publish(&ev);
+    }
+    let mut stuck = DealerSocket::new();
+    stuck.connect(p.replay_endpoint().unwrap()).await.unwrap();
+    let req = ZmqMessage::try_from(vec![
+        bytes::Bytes::new(),
+        bytes::Bytes::copy_from_slice(&0u64.to_be_bytes()),
+    ])
+    .unwrap();
+    stuck.send(req).await.unwrap();
+    // Live batches still flow to a subscriber meanwhile.
+    let mut sub = SubSocket::new();
+    sub.connect(p.endpoint()).await.unwrap();
+    sub.subscribe("").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let small = vec![ManagerEvent::Cleared { tier: Tier::Host }];
+    let seq = p.publish(&small).unwrap();
+    let got = loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .expect("live batches flow while a replay client is stuck")
+            .unwrap()
+            .into_vec();
+        if seq_of(&m[1]) == seq as i64 {
+            break m;
+        }
+    };
+    check_batch(&got[2], &small);
+    drop(stuck);
 }

@@ -109,6 +109,13 @@ impl RedisServer {
                 Instant::now() < until,
                 "redis-server did not answer in 10 s"
             );
+            // Exited (its port taken meanwhile): fail here, rather than let
+            // another server answer in its place.
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("redis-server on port {} exited: {status}", self.port);
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
