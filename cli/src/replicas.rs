@@ -244,6 +244,7 @@ pub fn publishers(endpoint: &str, n: u32) -> Result<Vec<Publisher>> {
                 topic: String::new(),
                 buffer_steps: 10_000,
                 data_parallel_rank: Some(i),
+                format: Default::default(),
             })
             .map_err(|e| anyhow::anyhow!("--events: {e}"))
         })

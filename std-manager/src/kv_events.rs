@@ -22,9 +22,9 @@
 //! rather than trust a mirror with holes; `Preempted` is not a cache event
 //! and is not sent.
 //!
-//! This is current vLLM's encoding (msgspec structs as maps). Readers built
-//! for vLLM's older array encoding (`array_like`), and routers that take
-//! block hashes only as 64-bit integers, do not read it.
+//! By default this is current vLLM's encoding (msgspec structs as maps,
+//! 128-bit hashes as bytes); [`WireFormat`] selects vLLM's older array
+//! encoding (what NVIDIA Dynamo's reader takes) and 64-bit integer hashes.
 //!
 //! A replay is served by a task of its own, each send under a timeout: a
 //! subscriber that asks and never reads stalls neither the live stream nor
@@ -57,6 +57,8 @@ pub struct PublisherConfig {
     pub buffer_steps: usize,
     /// This replica's data-parallel rank, in every batch.
     pub data_parallel_rank: Option<u32>,
+    /// The encoding.
+    pub format: WireFormat,
 }
 
 impl Default for PublisherConfig {
@@ -67,6 +69,7 @@ impl Default for PublisherConfig {
             topic: String::new(),
             buffer_steps: 10_000,
             data_parallel_rank: None,
+            format: WireFormat::default(),
         }
     }
 }
@@ -87,14 +90,75 @@ pub enum PublishError {
     Runtime(String),
 }
 
-fn hash(out: &mut Vec<u8>, k: BlockHash) {
-    let _ = rmp::encode::write_bin(out, &k.0.to_be_bytes());
+/// How batches are encoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireFormat {
+    /// Structs as arrays (`[ts, events, data_parallel_rank]`, each event
+    /// `[tag, fields...]`): vLLM's older `array_like` encoding, which NVIDIA
+    /// Dynamo's reader takes. Default: maps, as current vLLM.
+    pub arrays: bool,
+    /// Block hashes as unsigned 64-bit integers (the key's low 64 bits),
+    /// for routers that take integers only. Default: the 128-bit key as 16
+    /// big-endian bytes.
+    pub int_hashes: bool,
 }
 
-/// An array header (lengths here are events per batch, at most
-/// `KEYS_PER_EVENT` keys and `TOKENS_PER_EVENT` tokens per event).
-fn arr(out: &mut Vec<u8>, n: usize) {
-    let _ = rmp::encode::write_array_len(out, u32::try_from(n).unwrap_or(u32::MAX));
+/// A msgpack writer in one [`WireFormat`].
+struct Enc {
+    out: Vec<u8>,
+    fmt: WireFormat,
+}
+
+impl Enc {
+    fn hash(&mut self, k: BlockHash) {
+        if self.fmt.int_hashes {
+            let low = u64::try_from(k.0 & u128::from(u64::MAX)).unwrap_or(0);
+            let _ = rmp::encode::write_uint(&mut self.out, low);
+        } else {
+            let _ = rmp::encode::write_bin(&mut self.out, &k.0.to_be_bytes());
+        }
+    }
+
+    /// An array header (lengths here are events per batch, at most
+    /// `KEYS_PER_EVENT` keys and `TOKENS_PER_EVENT` tokens per event).
+    fn arr(&mut self, n: usize) {
+        let _ = rmp::encode::write_array_len(&mut self.out, u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
+    fn str(&mut self, s: &str) {
+        let _ = rmp::encode::write_str(&mut self.out, s);
+    }
+
+    fn nil(&mut self) {
+        let _ = rmp::encode::write_nil(&mut self.out);
+    }
+
+    fn uint(&mut self, v: u64) {
+        let _ = rmp::encode::write_uint(&mut self.out, v);
+    }
+
+    /// A struct of `n` fields: a map, or an array.
+    fn open(&mut self, n: u32) {
+        let _ = if self.fmt.arrays {
+            rmp::encode::write_array_len(&mut self.out, n)
+        } else {
+            rmp::encode::write_map_len(&mut self.out, n)
+        };
+    }
+
+    /// A field's name (maps only).
+    fn field(&mut self, name: &str) {
+        if !self.fmt.arrays {
+            self.str(name);
+        }
+    }
+
+    /// A tagged event of `n` fields besides its tag.
+    fn event(&mut self, tag: &str, n: u32) {
+        self.open(n + 1);
+        self.field("type");
+        self.str(tag);
+    }
 }
 
 fn medium(t: Tier) -> &'static str {
@@ -104,13 +168,14 @@ fn medium(t: Tier) -> &'static str {
     }
 }
 
-fn str_(out: &mut Vec<u8>, s: &str) {
-    let _ = rmp::encode::write_str(out, s);
-}
-
 /// Encodes `events` as one vLLM `KVEventBatch` at time `ts` (seconds since
-/// the Unix epoch); `None` when none of them is a cache event.
-pub fn encode_batch(ts: f64, events: &[ManagerEvent], dp_rank: Option<u32>) -> Option<Vec<u8>> {
+/// the Unix epoch) in `fmt`; `None` when none of them is a cache event.
+pub fn encode_batch(
+    ts: f64,
+    events: &[ManagerEvent],
+    dp_rank: Option<u32>,
+    fmt: WireFormat,
+) -> Option<Vec<u8>> {
     let wire: Vec<&ManagerEvent> = events
         .iter()
         .filter(|e| !matches!(e, ManagerEvent::Preempted(_)))
@@ -118,14 +183,18 @@ pub fn encode_batch(ts: f64, events: &[ManagerEvent], dp_rank: Option<u32>) -> O
     if wire.is_empty() {
         return None;
     }
-    let mut out = Vec::with_capacity(64 + 96 * wire.len());
-    let _ = rmp::encode::write_map_len(&mut out, 2 + u32::from(dp_rank.is_some()));
-    str_(&mut out, "ts");
-    let _ = rmp::encode::write_f64(&mut out, ts);
-    str_(&mut out, "events");
-    arr(&mut out, wire.len());
-    for e in wire {
-        match e {
+    let mut e = Enc {
+        out: Vec::with_capacity(64 + 96 * wire.len()),
+        fmt,
+    };
+    // Arrays keep the rank's slot (nil when none); maps omit it.
+    e.open(2 + u32::from(dp_rank.is_some() || fmt.arrays));
+    e.field("ts");
+    let _ = rmp::encode::write_f64(&mut e.out, ts);
+    e.field("events");
+    e.arr(wire.len());
+    for ev in wire {
+        match ev {
             ManagerEvent::Stored {
                 tier,
                 parent,
@@ -133,60 +202,56 @@ pub fn encode_batch(ts: f64, events: &[ManagerEvent], dp_rank: Option<u32>) -> O
                 tokens,
                 block_size,
             } => {
-                let _ = rmp::encode::write_map_len(&mut out, 8);
-                str_(&mut out, "type");
-                str_(&mut out, "BlockStored");
-                str_(&mut out, "block_hashes");
-                arr(&mut out, keys.len());
+                e.event("BlockStored", 7);
+                e.field("block_hashes");
+                e.arr(keys.len());
                 for &k in keys {
-                    hash(&mut out, k);
+                    e.hash(k);
                 }
-                str_(&mut out, "parent_block_hash");
+                e.field("parent_block_hash");
                 match parent {
-                    Some(p) => hash(&mut out, *p),
-                    None => {
-                        let _ = rmp::encode::write_nil(&mut out);
-                    }
+                    Some(p) => e.hash(*p),
+                    None => e.nil(),
                 }
-                str_(&mut out, "token_ids");
-                arr(&mut out, tokens.len());
+                e.field("token_ids");
+                e.arr(tokens.len());
                 for &t in tokens {
-                    let _ = rmp::encode::write_uint(&mut out, u64::from(t));
+                    e.uint(u64::from(t));
                 }
-                str_(&mut out, "block_size");
-                let _ = rmp::encode::write_uint(&mut out, u64::from(*block_size));
-                str_(&mut out, "lora_id");
-                let _ = rmp::encode::write_nil(&mut out);
-                str_(&mut out, "medium");
-                str_(&mut out, medium(*tier));
-                str_(&mut out, "lora_name");
-                let _ = rmp::encode::write_nil(&mut out);
+                e.field("block_size");
+                e.uint(u64::from(*block_size));
+                e.field("lora_id");
+                e.nil();
+                e.field("medium");
+                e.str(medium(*tier));
+                e.field("lora_name");
+                e.nil();
             }
             ManagerEvent::Removed { tier, keys } => {
-                let _ = rmp::encode::write_map_len(&mut out, 3);
-                str_(&mut out, "type");
-                str_(&mut out, "BlockRemoved");
-                str_(&mut out, "block_hashes");
-                arr(&mut out, keys.len());
+                e.event("BlockRemoved", 2);
+                e.field("block_hashes");
+                e.arr(keys.len());
                 for &k in keys {
-                    hash(&mut out, k);
+                    e.hash(k);
                 }
-                str_(&mut out, "medium");
-                str_(&mut out, medium(*tier));
+                e.field("medium");
+                e.str(medium(*tier));
             }
             ManagerEvent::Cleared { .. } | ManagerEvent::Lost { .. } => {
-                let _ = rmp::encode::write_map_len(&mut out, 1);
-                str_(&mut out, "type");
-                str_(&mut out, "AllBlocksCleared");
+                e.event("AllBlocksCleared", 0);
             }
             ManagerEvent::Preempted(_) => {}
         }
     }
-    if let Some(r) = dp_rank {
-        str_(&mut out, "data_parallel_rank");
-        let _ = rmp::encode::write_uint(&mut out, u64::from(r));
+    match dp_rank {
+        Some(r) => {
+            e.field("data_parallel_rank");
+            e.uint(u64::from(r));
+        }
+        None if fmt.arrays => e.nil(),
+        None => {}
     }
-    Some(out)
+    Some(e.out)
 }
 
 /// Publishes batches of events (ZMQ PUB) and serves replays (ZMQ ROUTER)
@@ -198,6 +263,7 @@ pub struct KvEventPublisher {
     endpoint: String,
     replay_endpoint: Option<String>,
     rank: Option<u32>,
+    format: WireFormat,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -250,6 +316,7 @@ impl KvEventPublisher {
             endpoint,
             replay_endpoint,
             rank: cfg.data_parallel_rank,
+            format: cfg.format,
             rt: Some(rt),
         })
     }
@@ -273,7 +340,7 @@ impl KvEventPublisher {
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        let payload = encode_batch(ts, events, self.rank)?;
+        let payload = encode_batch(ts, events, self.rank, self.format)?;
         let mut g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let seq = g.0;
         g.1.send((seq, Bytes::from(payload))).ok()?;

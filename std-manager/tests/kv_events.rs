@@ -10,7 +10,9 @@ mod common;
 use std::time::Duration;
 
 use common::{config, request};
-use pagedkv_manager::kv_events::{END_SEQ, KvEventPublisher, PublisherConfig};
+use pagedkv_manager::kv_events::{
+    END_SEQ, KvEventPublisher, PublisherConfig, WireFormat, encode_batch,
+};
 use pagedkv_manager::{
     HostBackend, HostManager, KvCacheManager, ManagerEvent, PrefixCacheConfig, RequestId, Tier,
 };
@@ -183,6 +185,7 @@ async fn a_subscriber_decodes_every_batch_in_order_and_replays_what_it_missed() 
         topic: "kv@replica0".into(),
         buffer_steps: 100,
         data_parallel_rank: Some(3),
+        format: WireFormat::default(),
     })
     .unwrap();
     // Two batches go out before anyone listens: only replay can bring them.
@@ -241,6 +244,7 @@ async fn replay_keeps_the_last_buffer_steps_batches() {
         topic: String::new(),
         buffer_steps: 3,
         data_parallel_rank: Some(3),
+        format: WireFormat::default(),
     })
     .unwrap();
     let ev = vec![
@@ -279,6 +283,7 @@ async fn a_replay_client_that_never_reads_stalls_nothing() {
         topic: String::new(),
         buffer_steps: 100_000,
         data_parallel_rank: Some(3),
+        format: WireFormat::default(),
     })
     .unwrap();
     // Big batches, so a client that never reads fills its queue.
@@ -322,4 +327,60 @@ async fn a_replay_client_that_never_reads_stalls_nothing() {
     };
     check_batch(&got[2], &small);
     drop(stuck);
+}
+
+/// vLLM's older array encoding (what Dynamo's reader takes) with integer
+/// hashes: the same content, positionally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_array_encoding_with_integer_hashes_carries_the_same_content() {
+    let batches = event_batches().await;
+    let fmt = WireFormat {
+        arrays: true,
+        int_hashes: true,
+    };
+    for b in &batches {
+        let payload = encode_batch(1.8e9, b, None, fmt).unwrap();
+        let v = rmpv::decode::read_value(&mut &payload[..]).unwrap();
+        let top = v.as_array().expect("[ts, events, dp_rank]");
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0].as_f64(), Some(1.8e9));
+        assert!(top[2].is_nil());
+        let events = top[1].as_array().unwrap();
+        assert_eq!(events.len(), b.len());
+        let low = |k: u128| k as u64;
+        for (got, want) in events.iter().zip(b) {
+            let f = got.as_array().expect("[tag, fields...]");
+            match want {
+                ManagerEvent::Stored {
+                    tier,
+                    parent,
+                    keys,
+                    tokens,
+                    block_size,
+                } => {
+                    assert_eq!(f.len(), 8);
+                    assert_eq!(f[0].as_str(), Some("BlockStored"));
+                    let h: Vec<u64> = f[1]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|h| h.as_u64().unwrap())
+                        .collect();
+                    assert_eq!(h, keys.iter().map(|k| low(k.0)).collect::<Vec<_>>());
+                    assert_eq!(f[2].as_u64(), parent.map(|p| low(p.0)));
+                    assert_eq!(f[3].as_array().unwrap().len(), tokens.len());
+                    assert_eq!(f[4].as_u64(), Some(u64::from(*block_size)));
+                    assert!(f[5].is_nil() && f[7].is_nil());
+                    assert_eq!(f[6].as_str(), Some(medium(*tier)));
+                }
+                ManagerEvent::Removed { tier, keys } => {
+                    assert_eq!(f.len(), 3);
+                    assert_eq!(f[0].as_str(), Some("BlockRemoved"));
+                    assert_eq!(f[1].as_array().unwrap().len(), keys.len());
+                    assert_eq!(f[2].as_str(), Some(medium(*tier)));
+                }
+                _ => assert_eq!(f[0].as_str(), Some("AllBlocksCleared")),
+            }
+        }
+    }
 }
