@@ -113,8 +113,10 @@ impl<H: BlockHasher> KvCache<'_, H> {
                         Ok(crate::pool::Registered::Stored)
                     );
                 if !stored {
-                    // Unkeyed: back to the free stack.
-                    p.release(b)?;
+                    // Unkeyed: back to the free stack. (Releasing a block
+                    // this call holds cannot fail; no early return may
+                    // leave the chain held.)
+                    let _ = p.release(b);
                     break;
                 }
                 published += 1;
@@ -125,7 +127,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         // Pass 2: release, tail first, so the chain's tail is evicted first.
         for &key in keys.iter().take(held).rev() {
             if let Some(b) = p.lookup(key) {
-                p.release(b)?;
+                let _ = p.release(b);
             }
         }
         Ok((held, published))

@@ -90,7 +90,8 @@ pub enum PublishError {
     Runtime(String),
 }
 
-/// How batches are encoded.
+/// How batches are encoded. NVIDIA Dynamo's reader needs both flags
+/// ([`WireFormat::DYNAMO`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WireFormat {
     /// Structs as arrays (`[ts, events, data_parallel_rank]`, each event
@@ -101,6 +102,20 @@ pub struct WireFormat {
     /// for routers that take integers only. Default: the 128-bit key as 16
     /// big-endian bytes.
     pub int_hashes: bool,
+}
+
+impl WireFormat {
+    /// Current vLLM's encoding (the default).
+    pub const VLLM: Self = Self {
+        arrays: false,
+        int_hashes: false,
+    };
+    /// Arrays and 64-bit integer hashes: what NVIDIA Dynamo's reader (and
+    /// vLLM's older subscribers) decode.
+    pub const DYNAMO: Self = Self {
+        arrays: true,
+        int_hashes: true,
+    };
 }
 
 /// A msgpack writer in one [`WireFormat`].
@@ -448,11 +463,13 @@ async fn replay_to(
         .into_iter()
         .map(|(seq, p)| (seq.to_be_bytes(), p))
         .chain(std::iter::once(end));
-    let mut s = send.lock().await;
     for (seq, payload) in all {
         let Some(m) = reply(Bytes::copy_from_slice(&seq), payload) else {
             return;
         };
+        // The socket is taken per message: replays to several clients
+        // interleave.
+        let mut s = send.lock().await;
         match tokio::time::timeout(REPLAY_SEND_TIMEOUT, s.send(m)).await {
             Ok(Ok(())) => {}
             _ => return,

@@ -265,15 +265,14 @@ impl<B: ManagedBackend> KvManager<B> {
         let Some(tier) = lock(&self.shared.remote).tier.clone() else {
             return;
         };
-        let copied = self.copy_out(host, blocks);
+        // Encoding (a copy and a checksum per block) runs under no lock.
+        let (queued, errors) = match self.copy_out(host, blocks) {
+            Ok(items) => (items.iter().filter(|(k, v)| tier.store(*k, v)).count(), 0),
+            Err(_) => (0, 1),
+        };
         let mut r = lock(&self.shared.remote);
-        match copied {
-            Ok(items) => {
-                let queued = items.iter().filter(|(k, v)| tier.store(*k, v)).count();
-                r.stats.writes_queued += queued as u64;
-            }
-            Err(_) => r.stats.write_errors += 1,
-        }
+        r.stats.writes_queued += queued as u64;
+        r.stats.write_errors += errors;
     }
 
     /// The keys and bytes of those of `blocks` (in pool `host`) that hold a

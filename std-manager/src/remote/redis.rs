@@ -11,21 +11,27 @@ use redis::{RedisResult, Script, Value};
 use super::{PutOutcome, RemoteStore, StoreError};
 
 /// The leading run of present keys, computed by the server: one round trip
-/// however long the chain. Flagged read-only and allowed under memory
-/// pressure (Redis 7+, Valkey), so a server pausing writes (`CLIENT PAUSE
-/// WRITE`, a failover) or full still answers it. Single node: on a
-/// cluster its keys would span slots.
-const LEADING: &str = "#!lua flags=no-writes,allow-oom
-for i = 1, #KEYS do \
+/// however long the chain. Single node: on a cluster its keys would span
+/// slots.
+const LEADING_BODY: &str = "for i = 1, #KEYS do \
     if redis.call('EXISTS', KEYS[i]) == 0 then return i - 1 end \
 end \
 return #KEYS";
+
+/// Flags for Redis 7+ and Valkey: read-only and allowed under memory
+/// pressure, so a server pausing writes (`CLIENT PAUSE WRITE`, a failover)
+/// or full still answers. Older servers refuse the line: they get the plain
+/// script.
+const FLAGS: &str = "#!lua flags=no-writes,allow-oom\n";
 
 /// A Redis server as the remote tier's store.
 #[derive(Clone)]
 pub struct RedisStore {
     con: ConnectionManager,
     leading: Script,
+    plain: Script,
+    /// The server refused the flagged script (older than Redis 7).
+    old_server: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -64,7 +70,9 @@ impl RedisStore {
         let con = ConnectionManager::new_lazy_with_config(client, cfg).map_err(io)?;
         Ok(Self {
             con,
-            leading: Script::new(LEADING),
+            leading: Script::new(&format!("{FLAGS}{LEADING_BODY}")),
+            plain: Script::new(LEADING_BODY),
+            old_server: Default::default(),
         })
     }
 }
@@ -75,13 +83,33 @@ impl RemoteStore for RedisStore {
         if keys.is_empty() {
             return Ok(0);
         }
+        use std::sync::atomic::Ordering::Relaxed;
         let mut con = self.con.clone();
-        let mut inv = self.leading.prepare_invoke();
+        let old = self.old_server.load(Relaxed);
+        let script = if old { &self.plain } else { &self.leading };
+        let mut inv = script.prepare_invoke();
         for k in keys {
             inv.key(k.as_slice());
         }
-        let n: usize = inv.invoke_async(&mut con).await.map_err(io)?;
-        Ok(n.min(keys.len()))
+        match inv.invoke_async::<usize>(&mut con).await {
+            Ok(n) => Ok(n.min(keys.len())),
+            // A server that does not know the flags line: plain from now on.
+            Err(e)
+                if !old && {
+                    let m = e.to_string();
+                    m.contains("shebang") || m.contains("compiling")
+                } =>
+            {
+                self.old_server.store(true, Relaxed);
+                let mut inv = self.plain.prepare_invoke();
+                for k in keys {
+                    inv.key(k.as_slice());
+                }
+                let n: usize = inv.invoke_async(&mut con).await.map_err(io)?;
+                Ok(n.min(keys.len()))
+            }
+            Err(e) => Err(io(e)),
+        }
     }
 
     async fn get(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
@@ -93,21 +121,24 @@ impl RemoteStore for RedisStore {
         for k in keys {
             pipe.cmd("GET").arg(k.as_slice());
         }
-        // A key of another type answers with an error: that key is a bad
-        // value (empty bytes fail every check), not a failed batch.
+        // A key of another type answers WRONGTYPE: that key is a bad value
+        // (empty bytes fail every check), not a failed batch. Any other
+        // error reply (loading, busy...) is the server failing.
         let replies: Vec<RedisResult<Value>> = pipe
             .ignore_errors()
             .query_async(&mut con)
             .await
             .map_err(io)?;
-        Ok(replies
+        replies
             .into_iter()
             .map(|r| match r {
-                Ok(Value::Nil) => None,
-                Ok(Value::BulkString(b)) => Some(b),
-                _ => Some(Vec::new()),
+                Ok(Value::Nil) => Ok(None),
+                Ok(Value::BulkString(b)) => Ok(Some(b)),
+                Ok(_) => Ok(Some(Vec::new())),
+                Err(e) if e.code() == Some("WRONGTYPE") => Ok(Some(Vec::new())),
+                Err(e) => Err(io(e)),
             })
-            .collect())
+            .collect()
     }
 
     async fn put_nx(&self, items: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<PutOutcome>, StoreError> {
