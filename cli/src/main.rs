@@ -354,6 +354,19 @@ fn progress_bar(len: u64) -> ProgressBar {
     pb
 }
 
+/// Advances `pb` by each count it is told; the bar shows only once the run
+/// has taken a second since `started` (quick runs print nothing).
+fn ticker(pb: &ProgressBar, started: Instant) -> impl FnMut(u64) + '_ {
+    let mut shown = false;
+    move |n| {
+        pb.inc(n);
+        if !shown && started.elapsed() > Duration::from_secs(1) {
+            pb.set_draw_target(ProgressDrawTarget::stderr());
+            shown = true;
+        }
+    }
+}
+
 /// The replay with KV bytes on a GPU.
 #[cfg(feature = "cuda")]
 fn run_cuda(w: &workload::Workload, cfg: &SimConfig, args: &Simulate) -> Result<Vec<RunResult>> {
@@ -407,14 +420,7 @@ fn run_all<B: ManagedBackend>(
         let m = KvManager::with_policy(make()?, sim::manager_config(w, cfg), policy)?;
         let pb = progress_bar(w.requests.len() as u64);
         pb.set_message(format!("replaying ({preempt})"));
-        let mut shown = false;
-        let mut tick = |n: u64| {
-            pb.inc(n);
-            if !shown && started.elapsed() > Duration::from_secs(1) {
-                pb.set_draw_target(ProgressDrawTarget::stderr());
-                shown = true;
-            }
-        };
+        let mut tick = ticker(&pb, started);
         let r = if cfg.timed {
             sim::timed(&m, w, cfg, preempt, &mut tick)?
         } else {
@@ -635,14 +641,7 @@ fn replicas(
     for (name, k, c, remote) in plan {
         let pb = progress_bar(w.requests.len() as u64);
         pb.set_message(format!("replaying ({name})"));
-        let mut shown = false;
-        let mut tick = |d: u64| {
-            pb.inc(d);
-            if !shown && started.elapsed() > Duration::from_secs(1) {
-                pb.set_draw_target(ProgressDrawTarget::stderr());
-                shown = true;
-            }
-        };
+        let mut tick = ticker(&pb, started);
         // The last run (shared, else private) publishes its events.
         let to: &[_] = if name == last { &publishers } else { &[] };
         runs.push(pagedkv_cli::replicas::run(
