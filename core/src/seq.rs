@@ -138,21 +138,16 @@ impl<H: BlockHasher> KvCache<'_, H> {
         }
         // Pass 2: hold the hits, allocate the rest, register new full blocks.
         p.hold_hits(hit_row);
-        p.allocate(fresh_row)?;
-        let mut keyed = hits;
+        // The fresh blocks the prompt fills are published as they are taken.
+        let keyed = chain.matchable().min(placed_full).max(hits);
         let mut next_key = first_miss;
-        while keyed < chain.matchable().min(placed_full) {
-            let key = next_key.take().unwrap_or_else(|| chain.key(keyed, tip));
-            let parent = (keyed > 0).then_some(tip);
-            if let Some(&b) = hit_row
-                .get(keyed as usize)
-                .or(fresh_row.get((keyed - hits) as usize))
-            {
-                let _ = p.register_tokens(b, key, parent, chain.tokens(keyed));
-            }
+        p.allocate_keyed(fresh_row, (keyed - hits) as usize, |k| {
+            let at = hits + k as u32;
+            let key = next_key.take().unwrap_or_else(|| chain.key(at, tip));
+            let parent = (at > 0).then_some(tip);
             tip = key;
-            keyed += 1;
-        }
+            (key, parent, chain.tokens(at))
+        })?;
         if chain.matchable() > 0 {
             let st = p.stats_mut();
             st.hit_blocks += u64::from(hits);

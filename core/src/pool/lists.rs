@@ -117,6 +117,31 @@ impl BlockPool<'_> {
         Some(i)
     }
 
+    /// Pops up to `out.len()` blocks off the free stack into `out` (each
+    /// with one holder); returns how many. The stack's head and counts stay
+    /// in registers for the loop.
+    #[inline]
+    pub(super) fn pop_free_into(&mut self, out: &mut [BlockId]) -> usize {
+        let want = out.len().min(self.free_len as usize);
+        let mut head = self.free_head;
+        let mut popped = 0;
+        for o in out.iter_mut().take(want) {
+            let Some(s) = self.slots.get_mut(head as usize) else {
+                break;
+            };
+            let next = s.next();
+            s.a = 1;
+            s.set(USED, 0);
+            *o = BlockId(head);
+            head = next;
+            popped += 1;
+        }
+        self.free_head = head;
+        self.free_len -= popped as u32;
+        self.held += popped as u32;
+        popped
+    }
+
     /// Takes one block for a new holder: the free stack first, else the LRU
     /// cached block (its key leaves the index). The caller checked
     /// availability; `None` only if the lists are broken.

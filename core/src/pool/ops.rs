@@ -3,7 +3,7 @@
 
 use super::lists::{COUNT_MASK, MAX_HOLDERS, SHARED_BIT};
 use super::order::Retention;
-use super::{BlockPool, BlockSlot, CACHED, NIL, Registered, USED, USED_KEYED};
+use super::{BlockPool, BlockSlot, CACHED, FREE, NIL, Registered, USED, USED_KEYED};
 use crate::error::{Error, Result};
 use crate::events::KvEvent;
 use crate::ids::{BlockHash, BlockId};
@@ -55,11 +55,51 @@ impl BlockPool<'_> {
         })?;
         self.check_available(n)?;
         self.stats.allocations += u64::from(n);
-        for o in out.iter_mut() {
+        // The free stack first, with its head and counts in registers (the
+        // loop carries nothing through memory but the links themselves).
+        let popped = self.pop_free_into(out);
+        for o in out.iter_mut().skip(popped) {
             // Cannot fail after the check unless the lists are broken.
             *o = BlockId(self.take().unwrap_or(NIL));
         }
         Ok(())
+    }
+
+    /// [`allocate`](Self::allocate), publishing each of the first `keyed`
+    /// fresh blocks at once under the key `key(k)` gives it (key, chain
+    /// parent, token ids), in order: allocate and register fused for the
+    /// blocks a prompt missed. A key already indexed leaves its block
+    /// unkeyed, as [`register`](Self::register) does. All or nothing.
+    pub(crate) fn allocate_keyed<'t>(
+        &mut self,
+        out: &mut [BlockId],
+        keyed: usize,
+        mut key: impl FnMut(usize) -> (BlockHash, Option<BlockHash>, &'t [u32]),
+    ) -> Result<()> {
+        self.allocate(out)?;
+        for (k, &b) in out.iter().take(keyed).enumerate() {
+            let (key, parent, tokens) = key(k);
+            self.publish_fresh(b.0, key, parent, tokens);
+        }
+        Ok(())
+    }
+
+    /// Publishes block `i`, held and unkeyed, under `key`.
+    #[inline]
+    fn publish_fresh(&mut self, i: u32, key: BlockHash, parent: Option<BlockHash>, tokens: &[u32]) {
+        // The key is written first: a displacement may need it.
+        let Some(s) = self.at_mut(i) else { return };
+        s.set_key(key);
+        let slots = &self.slots;
+        let key_of = |e: u32| slots.get(e as usize).map_or(BlockHash(0), BlockSlot::key);
+        if self.index.insert(key, i, key_of) == Insert::Inserted {
+            if let Some(s) = self.at_mut(i) {
+                s.set(USED_KEYED, 0);
+            }
+            let c = &self.config;
+            self.events
+                .stored((c.id, c.kind, c.tokens_per_block), parent, key, tokens);
+        }
     }
 
     /// Adds a holder to a held block. O(1).
@@ -132,14 +172,33 @@ impl BlockPool<'_> {
             }
         }
         // Pass 2: move the blocks that lost their last holder to their list.
+        // Unkeyed blocks in service (the common case of a plain free) go on
+        // the free stack with its head and counts kept in registers.
+        let (mut head, mut pushed) = (self.free_head, 0u32);
+        let online = self.online;
         for &b in blocks {
-            if self
-                .at(b.0)
-                .is_some_and(|s| s.a & COUNT_MASK == 0 && s.is_held())
-            {
+            let Some(s) = self.slots.get_mut(b.index()) else {
+                continue;
+            };
+            if s.a & COUNT_MASK != 0 || !s.is_held() {
+                continue;
+            }
+            if s.state() == USED && b.0 < online {
+                s.set(FREE, head);
+                head = b.0;
+                pushed += 1;
+            } else {
+                self.free_head = head;
+                self.free_len += pushed;
+                self.held -= pushed;
+                pushed = 0;
                 self.unheld(b.0, Retention::Normal);
+                head = self.free_head;
             }
         }
+        self.free_head = head;
+        self.free_len += pushed;
+        self.held -= pushed;
         Ok(())
     }
 
