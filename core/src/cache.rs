@@ -111,6 +111,9 @@ pub struct SeqSlot {
     pub(crate) window: u32,
     /// The pending plan moving this sequence, or `NIL`.
     pub(crate) plan: u32,
+    /// Bumped whenever the table changes anywhere but at its end (see
+    /// `KvCache::export_block_tables_since`).
+    pub(crate) edits: u32,
     pub(crate) salt: Option<CacheSalt>,
     pub(crate) adapter: Option<u64>,
     pub(crate) tip: BlockHash,
@@ -131,6 +134,7 @@ impl SeqSlot {
         hits: 0,
         window: 0,
         plan: NIL,
+        edits: 0,
         salt: None,
         adapter: None,
         tip: BlockHash(0),

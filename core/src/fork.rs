@@ -57,6 +57,9 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let row = row_of_mut(&mut self.tables, id.index, self.width);
         let written = written.min(slot.tokens);
         let freed = Self::apply_window(&mut slot, p, row, bs, written)?;
+        if freed > 0 {
+            slot.edits = slot.edits.wrapping_add(1);
+        }
         if let Some(e) = self.seqs.at_mut(id.index) {
             *e = slot;
         }
@@ -219,6 +222,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
             }
         }
         if let Some(slot) = self.seqs.at_mut(target.index) {
+            slot.edits = slot.edits.wrapping_add(1);
             slot.tokens = tokens;
             slot.blocks = k;
             slot.keyed_blocks = keyed;

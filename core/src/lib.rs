@@ -72,6 +72,7 @@ pub use stats::PoolStats;
 pub use storage::Slots;
 #[cfg(feature = "alloc")]
 pub use table::BlockTable;
+pub use table::ExportedRow;
 
 /// Index-table entries a pool of `capacity` blocks needs (for caller storage).
 pub const fn buckets_for(capacity: u32) -> usize {

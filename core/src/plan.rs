@@ -425,6 +425,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         if let Some(s) = self.seqs.at_mut(p.seq) {
             s.pool = p.dst;
             s.plan = NIL;
+            s.edits = s.edits.wrapping_add(1);
             if p.kind == (PlanKind::Move { lossy: true }) {
                 s.lossy = true;
                 s.hashing = false;

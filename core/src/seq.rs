@@ -336,6 +336,9 @@ impl<H: BlockHasher> KvCache<'_, H> {
             _ => slot.hashing = false,
         }
         let window_freed = Self::apply_window(&mut slot, p, row, self_bs, s.tokens)?;
+        if cow.is_some() || window_freed > 0 {
+            slot.edits = slot.edits.wrapping_add(1);
+        }
         if let Some(e) = seqs.at_mut(id.index) {
             *e = slot;
         }
@@ -384,6 +387,9 @@ impl<H: BlockHasher> KvCache<'_, H> {
         }
         if let Some(e) = self.seqs.at_mut(id.index) {
             e.reserve = tokens;
+            if target < e.blocks {
+                e.edits = e.edits.wrapping_add(1);
+            }
             e.blocks = target;
         }
         Ok(i64::from(target) - i64::from(s.blocks))

@@ -20,6 +20,17 @@ use crate::error::{Error, Result};
 use crate::hash::BlockHasher;
 use crate::ids::{BlockId, SeqId};
 
+/// What [`KvCache::export_block_tables_since`] last wrote in one row of a
+/// caller's persistent block-table matrix. `Default`: a row never written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct ExportedRow {
+    seq: Option<SeqId>,
+    edits: u32,
+    len: u32,
+    stride: u32,
+    pad: i32,
+}
+
 /// The seed's block table: an owned snapshot of a sequence's blocks.
 #[cfg(feature = "alloc")]
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -166,6 +177,87 @@ impl<H: BlockHasher> KvCache<'_, H> {
             tail.fill(pad);
         }
         Ok(())
+    }
+
+    /// [`export_block_tables`](Self::export_block_tables) into a matrix the
+    /// caller keeps from step to step (what vLLM's persistent block table
+    /// does): row `r` of `out` is written whole only if `rows[r]` says it is
+    /// out of date (another sequence, another stride or pad, or a table
+    /// changed anywhere but at its end since: a copy-on-write, a window, a
+    /// move, a smaller reservation); otherwise only the entries appended
+    /// since are written. A decode step thus writes a few entries per
+    /// sequence instead of whole rows.
+    ///
+    /// `out` must hold what the previous calls with the same `rows` wrote
+    /// (rows start as `ExportedRow::default()`: written whole); `rows` needs
+    /// an entry per sequence, and may be longer (a batch that shrinks and
+    /// grows again). Another `max_blocks` or `pad` than the last call's
+    /// rewrites every row. Same checks as the full export, made before
+    /// anything is written. Returns the rows written whole.
+    pub fn export_block_tables_since(
+        &self,
+        seqs: &[SeqId],
+        max_blocks: usize,
+        pad: i32,
+        out: &mut [i32],
+        rows: &mut [ExportedRow],
+    ) -> Result<usize> {
+        let needed = seqs
+            .len()
+            .checked_mul(max_blocks)
+            .ok_or(Error::LengthOverflow)?;
+        check_out(needed, out.len())?;
+        check_out(seqs.len(), rows.len())?;
+        let fit = self.ids_fit_i32();
+        for &s in seqs {
+            let t = self.table(s)?;
+            check_out(t.len(), max_blocks)?;
+            if !fit {
+                for &b in t.iter().filter(|&&b| b != HOLE) {
+                    to_i32(b)?;
+                }
+            }
+        }
+        if max_blocks == 0 {
+            return Ok(0);
+        }
+        let stride = u32::try_from(max_blocks).unwrap_or(u32::MAX);
+        // Another stride or pad moves or changes every row: all are rewritten.
+        if rows
+            .iter()
+            .any(|r| r.seq.is_some() && (r.stride != stride || r.pad != pad))
+        {
+            rows.fill(ExportedRow::default());
+        }
+        let mut whole = 0;
+        for ((row, &s), r) in out.chunks_exact_mut(max_blocks).zip(seqs).zip(rows) {
+            let edits = self.slot(s)?.edits;
+            let t = self.table(s)?;
+            let len = t.len() as u32;
+            let same = r.seq == Some(s) && r.edits == edits && r.len <= len;
+            let from = if same { r.len as usize } else { 0 };
+            let (head, tail) = row.split_at_mut(t.len());
+            let (head, t) = (
+                head.get_mut(from..).unwrap_or(&mut []),
+                t.get(from..).unwrap_or(&[]),
+            );
+            for (o, &b) in head.iter_mut().zip(t) {
+                // Checked above: every id is an i32.
+                *o = if b == HOLE { pad } else { b.0 as i32 };
+            }
+            if !same {
+                tail.fill(pad);
+                whole += 1;
+            }
+            *r = ExportedRow {
+                seq: Some(s),
+                edits,
+                len,
+                stride,
+                pad,
+            };
+        }
+        Ok(whole)
     }
 
     /// vLLM-style `slot_mapping` of the last `new_tokens` tokens of each

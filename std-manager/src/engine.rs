@@ -128,7 +128,7 @@ pub struct ExportItem {
 
 /// The kernel tables of a batch, in buffers the engine owns and reuses: no
 /// allocation per step once they reached the batch's size.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct KernelTables {
     /// Width of a `block_tables` row (the longest table of the batch).
     pub max_blocks: usize,
@@ -144,6 +144,10 @@ pub struct KernelTables {
     pub indices: Vec<i32>,
     /// FlashInfer `last_page_len`.
     pub last_page_len: Vec<i32>,
+    /// What each row of `block_tables` holds, so that the next export writes
+    /// only what changed (on a decode step: a new block now and then).
+    /// Clear it if `block_tables` is changed by anything else.
+    pub exported: Vec<pagedkv_core::ExportedRow>,
 }
 
 /// Which tier an event happened in.

@@ -2,14 +2,16 @@
 //! `workloads` bench and the manager's `decode_step` bench (which measures
 //! the manager doing the same work in the same run): 256 sequences of
 //! 496-token prompts each append one known token, then the vLLM block
-//! tables and slot mapping and the FlashInfer tables of the batch are
-//! exported; sequences restart (untimed) every 256 steps.
+//! tables (into the matrix kept from the last step, as vLLM's persistent
+//! block table: only what changed is written) and slot mapping and the
+//! FlashInfer tables of the batch are exported; sequences restart
+//! (untimed) every 256 steps.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use pagedkv_core::{
-    BlockPool, CacheConfig, KvCache, PoolConfig, PoolId, Prompt, SeqId, SipBlockHasher,
+    BlockPool, CacheConfig, ExportedRow, KvCache, PoolConfig, PoolId, Prompt, SeqId, SipBlockHasher,
 };
 
 /// Sequences in a step.
@@ -59,6 +61,7 @@ pub(crate) struct Decode {
     /// Steps since the last restart.
     pub(crate) step: u32,
     block_tables: Vec<i32>,
+    exported: Vec<ExportedRow>,
     slots: Vec<i64>,
     indptr: Vec<i32>,
     indices: Vec<i32>,
@@ -85,6 +88,7 @@ impl Decode {
             seqs: Vec::new(),
             step: 0,
             block_tables: Vec::new(),
+            exported: vec![ExportedRow::default(); SEQS],
             slots: vec![0; SEQS],
             indptr: vec![0; SEQS + 1],
             indices: Vec::new(),
@@ -122,8 +126,14 @@ impl Decode {
         self.block_tables.resize(SEQS * max_blocks, -1);
         self.indices.resize(pages, 0);
         let c = &self.cache;
-        c.export_block_tables(&self.seqs, max_blocks, -1, &mut self.block_tables)
-            .unwrap();
+        c.export_block_tables_since(
+            &self.seqs,
+            max_blocks,
+            -1,
+            &mut self.block_tables,
+            &mut self.exported,
+        )
+        .unwrap();
         for (k, &s) in self.seqs.iter().enumerate() {
             let last = c.info(s).unwrap().tokens - 1;
             c.export_slots(s, last, 1, &mut self.slots[k..]).unwrap();

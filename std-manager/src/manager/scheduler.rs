@@ -220,8 +220,13 @@ impl<B: ManagedBackend> KvManager<B> {
         let slots = usize::try_from(slots).map_err(|_| pagedkv_core::Error::LengthOverflow)?;
         let n = items.len();
         tables.max_blocks = max_blocks;
-        tables.block_tables.clear();
+        // The rows kept from the last export are rewritten only where their
+        // tables changed; rows past the batch are forgotten with their bytes.
         tables.block_tables.resize(n * max_blocks, tables.pad);
+        tables.exported.truncate(n);
+        tables
+            .exported
+            .resize(n, pagedkv_core::ExportedRow::default());
         tables.slot_mapping.clear();
         tables.slot_mapping.resize(slots, 0);
         tables.indptr.clear();
@@ -229,7 +234,13 @@ impl<B: ManagedBackend> KvManager<B> {
         tables.last_page_len.clear();
         tables.last_page_len.resize(n, 0);
         let c = &inner.cache;
-        c.export_block_tables(seqs, max_blocks, tables.pad, &mut tables.block_tables)?;
+        c.export_block_tables_since(
+            seqs,
+            max_blocks,
+            tables.pad,
+            &mut tables.block_tables,
+            &mut tables.exported,
+        )?;
         let mut k = 0;
         for (it, &s) in items.iter().zip(seqs.iter()) {
             let info = c.info(s)?;

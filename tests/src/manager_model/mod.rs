@@ -155,6 +155,9 @@ pub struct ManagerModel {
     policy: PreemptionPolicy,
     /// The cache as a router mirrors it from the drained events.
     mirror: Mirror,
+    /// Kernel tables kept from export to export, as an engine keeps them
+    /// (the block tables are written incrementally).
+    tables: pagedkv_manager::KernelTables,
     /// Preemptions reported (events) during the current step.
     reported: Vec<RequestId>,
     /// Preemptions reported in answers during the current step.
@@ -256,6 +259,10 @@ impl ManagerModel {
             bases,
             policy,
             mirror: Mirror::default(),
+            tables: pagedkv_manager::KernelTables {
+                pad: -1,
+                ..Default::default()
+            },
             reported: Vec::new(),
             answered: Vec::new(),
             ops: 0,
