@@ -196,7 +196,7 @@ impl ManagerModel {
     fn check_exports(&mut self, items: &[ExportItem]) {
         // Every few exports start from fresh tables; the others reuse the
         // last ones (incremental block tables).
-        if self.batched % 7 == 0 {
+        if self.batched.is_multiple_of(7) {
             self.tables = KernelTables {
                 pad: -1,
                 ..KernelTables::default()
