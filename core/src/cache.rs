@@ -447,6 +447,16 @@ impl<'a, H: BlockHasher> KvCache<'a, H> {
         })
     }
 
+    /// A sequence's slot and table, in one lookup (for the exports).
+    #[inline]
+    pub(crate) fn slot_table(&self, id: SeqId) -> Result<(&SeqSlot, &[BlockId])> {
+        let s = self.slot(id)?;
+        Ok((
+            s,
+            self.row(id.index).get(..s.blocks as usize).unwrap_or(&[]),
+        ))
+    }
+
     /// The block table of a sequence (entries before `first_live` are [`HOLE`]).
     pub fn table(&self, id: SeqId) -> Result<&[BlockId]> {
         let s = self.slot(id)?;

@@ -231,8 +231,8 @@ impl<H: BlockHasher> KvCache<'_, H> {
         }
         let mut whole = 0;
         for ((row, &s), r) in out.chunks_exact_mut(max_blocks).zip(seqs).zip(rows) {
-            let edits = self.slot(s)?.edits;
-            let t = self.table(s)?;
+            let (slot, t) = self.slot_table(s)?;
+            let edits = slot.edits;
             let len = t.len() as u32;
             let same = r.seq == Some(s) && r.edits == edits && r.len <= len;
             let from = if same { r.len as usize } else { 0 };
@@ -296,18 +296,17 @@ impl<H: BlockHasher> KvCache<'_, H> {
         count: u32,
         out: &mut [i64],
     ) -> Result<usize> {
-        let info = self.info(seq)?;
+        let (info, t) = self.slot_table(seq)?;
         let end = u64::from(first) + u64::from(count);
         let bs = self.bs;
         let live_from = u64::from(info.first_live) * u64::from(bs.get());
-        if end > u64::from(info.tokens) + u64::from(info.reserved) || u64::from(first) < live_from {
+        if end > u64::from(info.tokens) + u64::from(info.reserve) || u64::from(first) < live_from {
             return Err(Error::TooManyTokens {
                 requested: end,
-                available: info.tokens.saturating_add(info.reserved),
+                available: info.tokens.saturating_add(info.reserve),
             });
         }
         check_out(count as usize, out.len())?;
-        let t = self.table(seq)?;
         let mut k = 0;
         for (pos, o) in (first..first + count).zip(out.iter_mut()) {
             let b = t.get((pos / bs) as usize).copied().unwrap_or(HOLE);
@@ -315,11 +314,6 @@ impl<H: BlockHasher> KvCache<'_, H> {
             k += 1;
         }
         Ok(k)
-    }
-
-    /// Blocks holding written tokens (the table without reserved slots).
-    fn written_blocks(&self, info: &crate::SeqInfo) -> u32 {
-        info.tokens / self.bs + u32::from(info.tokens % self.bs != 0)
     }
 
     /// FlashInfer-style paged KV indices: `indptr` (`seqs.len() + 1`),
@@ -334,41 +328,42 @@ impl<H: BlockHasher> KvCache<'_, H> {
     ) -> Result<usize> {
         check_out(seqs.len() + 1, indptr.len())?;
         check_out(seqs.len(), last_page_len.len())?;
+        let fit = self.ids_fit_i32();
+        let bs = self.bs;
+        // The written blocks past the window of each sequence.
+        let live_of = |s: SeqId| -> Result<(&[BlockId], u32)> {
+            let (slot, t) = self.slot_table(s)?;
+            let pages = slot.tokens / bs + u32::from(slot.tokens % bs != 0);
+            let live = t
+                .get(slot.first_live as usize..pages as usize)
+                .unwrap_or(&[]);
+            let last = if pages == 0 {
+                0
+            } else {
+                slot.tokens - (pages - 1) * bs.get()
+            };
+            Ok((live, last))
+        };
         let mut total = 0usize;
         for &s in seqs {
-            let info = self.info(s)?;
-            total += (self.written_blocks(&info) - info.first_live) as usize;
-        }
-        check_out(total, indices.len())?;
-        let i32_of = |x: usize| i32::try_from(x).map_err(|_| Error::LengthOverflow);
-        i32_of(total)?;
-        let bs = self.config().tokens_per_block;
-        let fit = self.ids_fit_i32();
-        if !fit {
-            for &s in seqs {
-                let info = self.info(s)?;
-                let pages = self.written_blocks(&info) as usize;
-                for &b in self
-                    .table(s)?
-                    .get(info.first_live as usize..pages)
-                    .unwrap_or(&[])
-                {
+            let (live, _) = live_of(s)?;
+            total += live.len();
+            if !fit {
+                for &b in live {
                     to_i32(b)?;
                 }
             }
         }
+        check_out(total, indices.len())?;
+        let i32_of = |x: usize| i32::try_from(x).map_err(|_| Error::LengthOverflow);
+        i32_of(total)?;
         let mut k = 0usize;
         if let Some(p) = indptr.first_mut() {
             *p = 0;
         }
         let ptrs = indptr.get_mut(1..).unwrap_or(&mut []);
         for ((&s, p), last) in seqs.iter().zip(ptrs).zip(last_page_len.iter_mut()) {
-            let info = self.info(s)?;
-            let pages = self.written_blocks(&info);
-            let live = self
-                .table(s)?
-                .get(info.first_live as usize..pages as usize)
-                .unwrap_or(&[]);
+            let (live, last_len) = live_of(s)?;
             // Sized above: `total` entries fit.
             let dst = indices
                 .get_mut(k..k + live.len())
@@ -377,12 +372,9 @@ impl<H: BlockHasher> KvCache<'_, H> {
                 *o = b.0 as i32;
             }
             k += live.len();
-            *p = i32_of(k)?;
-            *last = if pages == 0 {
-                0
-            } else {
-                i32_of((info.tokens - (pages - 1) * bs) as usize)?
-            };
+            // Both at most `total`, an i32.
+            *p = k as i32;
+            *last = i32_of(last_len as usize)?;
         }
         Ok(k)
     }
