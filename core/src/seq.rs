@@ -339,8 +339,18 @@ impl<H: BlockHasher> KvCache<'_, H> {
         if cow.is_some() || window_freed > 0 {
             slot.edits = slot.edits.wrapping_add(1);
         }
+        // Only what an append changes is written back (the slot is large).
         if let Some(e) = seqs.at_mut(id.index) {
-            *e = slot;
+            e.tokens = slot.tokens;
+            e.reserve = slot.reserve;
+            e.blocks = slot.blocks;
+            e.first_live = slot.first_live;
+            e.hashing = slot.hashing;
+            e.edits = slot.edits;
+            if slot.keyed_blocks != s.keyed_blocks {
+                e.keyed_blocks = slot.keyed_blocks;
+                e.tip = slot.tip;
+            }
         }
         Ok(Appended {
             new_blocks: needs.new_blocks,
