@@ -188,8 +188,9 @@ impl<H: BlockHasher> KvCache<'_, H> {
     /// since are written. A decode step thus writes a few entries per
     /// sequence instead of whole rows.
     ///
-    /// `out` must hold what the previous calls with the same `rows` wrote
-    /// (rows start as `ExportedRow::default()`: written whole); `rows` needs
+    /// `out` must hold what the previous calls with the same `rows` wrote,
+    /// on this cache (rows start as `ExportedRow::default()`: written
+    /// whole; reset them for a buffer changed otherwise); `rows` needs
     /// an entry per sequence, and may be longer (a batch that shrinks and
     /// grows again). Another `max_blocks` or `pad` than the last call's
     /// rewrites every row. Same checks as the full export, made before
@@ -219,6 +220,8 @@ impl<H: BlockHasher> KvCache<'_, H> {
             }
         }
         if max_blocks == 0 {
+            // Nothing written, and no row left: every row is rewritten next.
+            rows.fill(ExportedRow::default());
             return Ok(0);
         }
         let stride = u32::try_from(max_blocks).unwrap_or(u32::MAX);

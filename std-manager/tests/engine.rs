@@ -267,6 +267,16 @@ async fn export_tables_is_all_or_nothing() {
         );
     }
     assert_eq!(snapshot(&m), before);
+    // The tables kept after a refusal export the batch whole again.
+    let mut fresh = KernelTables {
+        pad: -1,
+        ..KernelTables::default()
+    };
+    let batch = [good(1, 1), good(2, 9)];
+    m.export_tables(&batch, &mut t).unwrap();
+    m.export_tables(&batch, &mut fresh).unwrap();
+    assert_eq!(t.block_tables, fresh.block_tables);
+    assert!(t.block_tables.iter().any(|&b| b >= 0));
 }
 
 #[tokio::test]

@@ -1,9 +1,10 @@
 //! The incremental block-table export (`export_block_tables_since`) leaves
 //! the caller's matrix exactly as the full export writes it, whatever
 //! happened to the tables in between: appends, copy-on-write after a fork,
-//! windows, reservations that grow and shrink, relocations, swaps out and
-//! in, frees and reused sequence slots, a batch that changes order, size,
-//! stride and pad.
+//! windows, reservations that grow and shrink, relocations in a shrunk
+//! pool, planned copies, shared prefixes, swaps out and in, frees and reused
+//! sequence slots, a batch that changes order, size, stride (0 included)
+//! and pad.
 #![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
 use pagedkv_core::{CacheConfig, ExportedRow, PoolId, Prompt, SeqId};
@@ -39,7 +40,7 @@ fn operate(
     rng: &mut Rng,
 ) {
     let pick = |rng: &mut Rng, v: &[SeqId]| (!v.is_empty()).then(|| v[rng.below(v.len())]);
-    match rng.below(12) {
+    match rng.below(16) {
         0 | 1 => {
             // Prompts share prefixes (hits on held and cached blocks).
             let base = rng.below(3) as u32;
@@ -110,6 +111,33 @@ fn operate(
                 live.push(s);
             }
         }
+        11 => {
+            // Planned copy-on-write of a shared or published last block.
+            if let Some(s) = pick(rng, live)
+                && let Ok(Some(p)) = c.cow(s)
+            {
+                c.commit(p).unwrap();
+            }
+        }
+        12 => {
+            // A new empty sequence, sometimes given another's prefix.
+            if let Ok(t) = c.create(GPU, None) {
+                if let Some(s) = pick(rng, live) {
+                    let tokens = c.info(s).unwrap().tokens;
+                    let _ = c.share_prefix(s, t, tokens.min(rng.below(24) as u32));
+                }
+                live.push(t);
+            }
+        }
+        13 => {
+            // The pool shrinks (relocations then move real blocks) or grows back.
+            let cap = c.pool(GPU).unwrap().capacity();
+            let _ = if cap > 64 && rng.below(2) == 0 {
+                c.shrink(GPU, cap - 8)
+            } else {
+                c.grow(GPU, 96 - cap).map(|_| ())
+            };
+        }
         _ => {
             if let Some(s) = pick(rng, live) {
                 c.free(s).unwrap();
@@ -132,7 +160,7 @@ fn incremental_block_tables_equal_the_full_export_after_any_operations() {
     let (mut live, mut swapped) = (Vec::new(), Vec::new());
     let mut out = vec![i32::MIN; MAX_SEQS * WIDTH];
     let mut rows = vec![ExportedRow::default(); MAX_SEQS];
-    let (mut whole, mut appended, mut refused) = (0usize, 0usize, 0usize);
+    let (mut whole, mut appended, mut refused, mut empty) = (0usize, 0usize, 0usize, 0usize);
     let steps = if cfg!(miri) { 300 } else { 30_000 };
     for _ in 0..steps {
         // Several operations between two exports, now and then (a shrink
@@ -155,6 +183,10 @@ fn incremental_block_tables_equal_the_full_export_after_any_operations() {
         {
             batch.push(s);
         }
+        // Now and then only the empty sequences: a batch of width 0.
+        if rng.below(30) == 0 {
+            batch.retain(|&s| c.table(s).unwrap().is_empty());
+        }
         let longest = batch
             .iter()
             .map(|&s| c.table(s).unwrap().len())
@@ -170,6 +202,7 @@ fn incremental_block_tables_equal_the_full_export_after_any_operations() {
         };
         let pad = if rng.below(50) == 0 { -2 } else { -1 };
         let n = batch.len() * stride;
+        empty += usize::from(stride == 0 && !batch.is_empty());
         let mut full = vec![i32::MAX; n];
         let expect = c.export_block_tables(&batch, stride, pad, &mut full);
         let got = c.export_block_tables_since(&batch, stride, pad, &mut out[..n], &mut rows);
@@ -177,6 +210,11 @@ fn incremental_block_tables_equal_the_full_export_after_any_operations() {
         match got {
             Ok(w) => {
                 assert_eq!(&out[..n], &full[..], "incremental export differs");
+                if stride == 0 {
+                    // Width 0 keeps no row: the caller may drop its matrix
+                    // (the manager does), and the next export rewrites it.
+                    out.fill(i32::MIN);
+                }
                 whole += w;
                 appended += batch.len() - w;
             }
@@ -192,6 +230,7 @@ fn incremental_block_tables_equal_the_full_export_after_any_operations() {
     );
     if !cfg!(miri) {
         assert!(refused > 0, "no refused export was compared");
+        assert!(empty > 0, "no batch of width 0 was exported");
     }
 }
 

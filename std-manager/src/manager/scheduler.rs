@@ -142,7 +142,7 @@ impl<B: ManagedBackend> KvManager<B> {
     /// FlashInfer `indptr` / `indices` / `last_page_len`. All or nothing: on
     /// an error (an unknown request, one named twice, one off its device,
     /// more new tokens than it holds or lookahead than it reserved) the
-    /// buffers are left empty.
+    /// buffers are left empty (and the next export writes every row).
     pub fn export_tables(&self, items: &[ExportItem], tables: &mut KernelTables) -> Result<()> {
         let mut guard = lock(&self.shared.inner);
         let inner = &mut *guard;
@@ -157,6 +157,7 @@ impl<B: ManagedBackend> KvManager<B> {
             }
             tables.last_page_len.clear();
             tables.slot_mapping.clear();
+            tables.exported.clear();
             tables.max_blocks = 0;
         }
         r
