@@ -118,6 +118,14 @@ fn to_i32(b: BlockId) -> Result<i32> {
     i32::try_from(b.0).map_err(|_| Error::LengthOverflow)
 }
 
+/// A row of block ids as i32, [`HOLE`]s as `pad` (ids checked to fit).
+#[inline]
+fn write_ids(out: &mut [i32], ids: &[BlockId], pad: i32) {
+    for (o, &b) in out.iter_mut().zip(ids) {
+        *o = if b == HOLE { pad } else { b.0 as i32 };
+    }
+}
+
 impl<H: BlockHasher> KvCache<'_, H> {
     /// Whether every block id of every pool is an `i32` (pools of at most
     /// 2^31 blocks: always, in practice), so exports convert without a
@@ -126,6 +134,27 @@ impl<H: BlockHasher> KvCache<'_, H> {
         self.pools
             .iter()
             .all(|p| i32::try_from(p.max_blocks()).is_ok())
+    }
+
+    /// The checks of a block-table export, before anything is written:
+    /// the matrix fits `out_len`, every table fits a row, every id an i32.
+    fn check_block_tables(&self, seqs: &[SeqId], max_blocks: usize, out_len: usize) -> Result<()> {
+        let needed = seqs
+            .len()
+            .checked_mul(max_blocks)
+            .ok_or(Error::LengthOverflow)?;
+        check_out(needed, out_len)?;
+        let fit = self.ids_fit_i32();
+        for &s in seqs {
+            let t = self.table(s)?;
+            check_out(t.len(), max_blocks)?;
+            if !fit {
+                for &b in t.iter().filter(|&&b| b != HOLE) {
+                    to_i32(b)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// An owned snapshot of a sequence's table in the seed's shape.
@@ -149,31 +178,14 @@ impl<H: BlockHasher> KvCache<'_, H> {
         pad: i32,
         out: &mut [i32],
     ) -> Result<()> {
-        let needed = seqs
-            .len()
-            .checked_mul(max_blocks)
-            .ok_or(Error::LengthOverflow)?;
-        check_out(needed, out.len())?;
-        let fit = self.ids_fit_i32();
-        for &s in seqs {
-            let t = self.table(s)?;
-            check_out(t.len(), max_blocks)?;
-            if !fit {
-                for &b in t.iter().filter(|&&b| b != HOLE) {
-                    to_i32(b)?;
-                }
-            }
-        }
+        self.check_block_tables(seqs, max_blocks, out.len())?;
         if max_blocks == 0 {
             return Ok(());
         }
         for (row, &s) in out.chunks_exact_mut(max_blocks).zip(seqs) {
             let t = self.table(s)?;
             let (head, tail) = row.split_at_mut(t.len());
-            for (o, &b) in head.iter_mut().zip(t) {
-                // Checked above: every id is an i32.
-                *o = if b == HOLE { pad } else { b.0 as i32 };
-            }
+            write_ids(head, t, pad);
             tail.fill(pad);
         }
         Ok(())
@@ -203,22 +215,8 @@ impl<H: BlockHasher> KvCache<'_, H> {
         out: &mut [i32],
         rows: &mut [ExportedRow],
     ) -> Result<usize> {
-        let needed = seqs
-            .len()
-            .checked_mul(max_blocks)
-            .ok_or(Error::LengthOverflow)?;
-        check_out(needed, out.len())?;
         check_out(seqs.len(), rows.len())?;
-        let fit = self.ids_fit_i32();
-        for &s in seqs {
-            let t = self.table(s)?;
-            check_out(t.len(), max_blocks)?;
-            if !fit {
-                for &b in t.iter().filter(|&&b| b != HOLE) {
-                    to_i32(b)?;
-                }
-            }
-        }
+        self.check_block_tables(seqs, max_blocks, out.len())?;
         if max_blocks == 0 {
             // Nothing written, and no row left: every row is rewritten next.
             rows.fill(ExportedRow::default());
@@ -240,14 +238,11 @@ impl<H: BlockHasher> KvCache<'_, H> {
             let same = r.seq == Some(s) && r.edits == edits && r.len <= len;
             let from = if same { r.len as usize } else { 0 };
             let (head, tail) = row.split_at_mut(t.len());
-            let (head, t) = (
+            write_ids(
                 head.get_mut(from..).unwrap_or(&mut []),
                 t.get(from..).unwrap_or(&[]),
+                pad,
             );
-            for (o, &b) in head.iter_mut().zip(t) {
-                // Checked above: every id is an i32.
-                *o = if b == HOLE { pad } else { b.0 as i32 };
-            }
             if !same {
                 tail.fill(pad);
                 whole += 1;

@@ -79,26 +79,40 @@ impl BlockPool<'_> {
         self.allocate(out)?;
         for (k, &b) in out.iter().take(keyed).enumerate() {
             let (key, parent, tokens) = key(k);
-            self.publish_fresh(b.0, key, parent, tokens);
+            self.publish(b.0, key, parent, tokens);
         }
         Ok(())
     }
 
-    /// Publishes block `i`, held and unkeyed, under `key`.
+    /// Publishes block `i`, held and unkeyed (the caller checked), under
+    /// `key`.
     #[inline]
-    fn publish_fresh(&mut self, i: u32, key: BlockHash, parent: Option<BlockHash>, tokens: &[u32]) {
-        // The key is written first: a displacement may need it.
-        let Some(s) = self.at_mut(i) else { return };
-        s.set_key(key);
+    fn publish(
+        &mut self,
+        i: u32,
+        key: BlockHash,
+        parent: Option<BlockHash>,
+        tokens: &[u32],
+    ) -> Registered {
+        // The key is written first: a displacement may need it. While the
+        // state says unkeyed, the stored key bits mean nothing.
+        if let Some(s) = self.at_mut(i) {
+            s.set_key(key);
+        }
         let slots = &self.slots;
         let key_of = |e: u32| slots.get(e as usize).map_or(BlockHash(0), BlockSlot::key);
-        if self.index.insert(key, i, key_of) == Insert::Inserted {
-            if let Some(s) = self.at_mut(i) {
-                s.set(USED_KEYED, 0);
+        match self.index.insert(key, i, key_of) {
+            Insert::Exists(other) => Registered::Duplicate(BlockId(other)),
+            Insert::Full => Registered::IndexFull,
+            Insert::Inserted => {
+                if let Some(s) = self.at_mut(i) {
+                    s.set(USED_KEYED, 0);
+                }
+                let c = &self.config;
+                self.events
+                    .stored((c.id, c.kind, c.tokens_per_block), parent, key, tokens);
+                Registered::Stored
             }
-            let c = &self.config;
-            self.events
-                .stored((c.id, c.kind, c.tokens_per_block), parent, key, tokens);
         }
     }
 
@@ -254,26 +268,7 @@ impl BlockPool<'_> {
             USED_KEYED => return Err(Error::AlreadyRegistered(b)),
             _ => return Err(Error::BlockNotInUse(b)),
         }
-        // The key is written first: a displacement may need it. While the
-        // state says unkeyed, the stored key bits mean nothing.
-        if let Some(s) = self.at_mut(b.0) {
-            s.set_key(key);
-        }
-        let slots = &self.slots;
-        let key_of = |e: u32| slots.get(e as usize).map_or(BlockHash(0), BlockSlot::key);
-        match self.index.insert(key, b.0, key_of) {
-            Insert::Exists(other) => Ok(Registered::Duplicate(BlockId(other))),
-            Insert::Full => Ok(Registered::IndexFull),
-            Insert::Inserted => {
-                if let Some(s) = self.at_mut(b.0) {
-                    s.set(USED_KEYED, 0);
-                }
-                let c = &self.config;
-                self.events
-                    .stored((c.id, c.kind, c.tokens_per_block), parent, key, tokens);
-                Ok(Registered::Stored)
-            }
-        }
+        Ok(self.publish(b.0, key, parent, tokens))
     }
 
     /// Evicts the next cached block in eviction order to the free stack. O(1).
