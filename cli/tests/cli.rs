@@ -309,8 +309,16 @@ fn hostile_inputs_end_in_one_line_within_5_s_and_1_gib() {
         })
         .collect();
     for (flags, needle) in [
-        (&["--capacity-blocks", "1000000000"][..], "--max-memory"),
-        (&["--host-blocks", "1000000000"][..], "--max-memory"),
+        (&["--capacity-blocks", "1000000000"][..], "at most"),
+        (&["--host-blocks", "1000000000"][..], "at most"),
+        (
+            &["--capacity-blocks", "500000000", "--max-memory", "4"][..],
+            "--max-memory",
+        ),
+        (
+            &["--host-blocks", "500000000", "--max-memory", "4"][..],
+            "--max-memory",
+        ),
         (&["--capacity-fraction", "1000"][..], "--capacity-fraction"),
         (&["--prefill-tps", "0"][..], "--prefill-tps"),
         (&["--prefill-tps", "-5"][..], "--prefill-tps"),

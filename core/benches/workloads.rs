@@ -324,6 +324,11 @@ fn w3(c: &mut Criterion) {
         secs * 1e6 / reqs.len() as f64,
         secs * 1e9 / blocks as f64
     );
+    let st = c0.pool(PoolId(0)).unwrap().stats();
+    println!(
+        "w3_mooncake runs: {} evictions, {} of them inside a run; {} merges, {} splits",
+        st.evictions, st.run_trims, st.run_merges, st.run_splits
+    );
     let mut g = c.benchmark_group("workloads");
     g.sample_size(10);
     g.bench_function("w3_mooncake", |b| {

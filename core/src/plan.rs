@@ -400,20 +400,20 @@ impl<H: BlockHasher> KvCache<'_, H> {
                     }
                     let key = sp.key_of(*from)?;
                     sp.release(*from)?;
-                    if let (Some(key), PlanKind::Relocate) = (key, p.kind) {
+                    let left = sp.key_of(*from)?.is_none();
+                    if let (Some(key), PlanKind::Relocate, true) = (key, p.kind, left) {
                         let _ = sp.register(to, key, None);
                     }
                     *from = to;
                 }
             }
             (PlanKind::Move { lossy }, Some(dp)) => {
-                let mut parent = None;
-                for (from, &to) in row.iter().zip(targets).take(p.len as usize) {
-                    let key = sp.key_of(*from)?;
-                    if let (Some(key), false) = (key, lossy) {
-                        let _ = dp.register(to, key, parent);
-                    }
-                    parent = key;
+                // (A chain past its window: a target run may hold its keys.)
+                if !lossy && (first == 0 || dp.kind() != crate::PoolKind::Device) {
+                    let pairs = row.iter().zip(targets).take(p.len as usize);
+                    dp.publish_chain(
+                        pairs.map(|(&from, &to)| (to, sp.key_of(from).ok().flatten())),
+                    );
                 }
                 for (from, &to) in row.iter_mut().zip(targets).take(p.len as usize).rev() {
                     sp.release(*from)?;

@@ -204,6 +204,36 @@ impl<'a> PrefixIndex<'a> {
         }
     }
 
+    /// Inserts `block` under `key` even if `key` is indexed already (a run
+    /// head that must stay findable; `find` returns either). False when the
+    /// table has no room.
+    pub(crate) fn insert_any(
+        &mut self,
+        key: BlockHash,
+        block: u32,
+        key_of: impl Fn(u32) -> BlockHash,
+    ) -> bool {
+        let (b1, b2) = self.buckets_of(key);
+        let e = self.entry(key, block);
+        for b in [b1, b2] {
+            if let Some(slot) = self.free_way(b).and_then(|w| self.slot_mut(b * WAYS + w)) {
+                *slot = e;
+                self.len += 1;
+                return true;
+            }
+        }
+        self.displace(b1, e, key_of)
+    }
+
+    /// Whether `block` is indexed under `key`.
+    pub(crate) fn contains(&self, key: BlockHash, block: u32) -> bool {
+        let (b1, b2) = self.buckets_of(key);
+        let e = self.entry(key, block);
+        [b1, b2]
+            .into_iter()
+            .any(|b| Self::matches(self.bucket(b), u32::MAX, e) != 0)
+    }
+
     /// Makes room for `e` in bucket `b1` by moving entries to their other
     /// bucket along a bounded path; undone if it fails.
     fn displace(&mut self, b1: usize, e: u32, key_of: impl Fn(u32) -> BlockHash) -> bool {

@@ -101,11 +101,13 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let mut tip = chain.root();
         let mut hits = 0u32;
         let mut first_miss: Option<BlockHash> = None;
+        let mut last = None;
         while hits < chain.matchable() {
             let key = chain.key(hits, tip);
-            match (p.pin_hit(key), row.get_mut(hits as usize)) {
+            match (p.pin_hit(last, key), row.get_mut(hits as usize)) {
                 (Some(b), Some(e)) => {
                     *e = b;
+                    last = Some(b);
                     tip = key;
                     hits += 1;
                 }
@@ -141,7 +143,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
         // The fresh blocks the prompt fills are published as they are taken.
         let keyed = chain.matchable().min(placed_full).max(hits);
         let mut next_key = first_miss;
-        p.allocate_keyed(fresh_row, (keyed - hits) as usize, |k| {
+        p.allocate_keyed(last, fresh_row, (keyed - hits) as usize, |k| {
             let at = hits + k as u32;
             let key = next_key.take().unwrap_or_else(|| chain.key(at, tip));
             let parent = (at > 0).then_some(tip);
@@ -324,8 +326,17 @@ impl<H: BlockHasher> KvCache<'_, H> {
                         let kb = slot.keyed_blocks;
                         let key = hasher.hash_block(slot.tip, pend, kb * bs, &extra);
                         let parent = (kb > 0).then_some(slot.tip);
-                        if let Some(&b) = row.get(kb as usize) {
-                            let _ = p.register_tokens(b, key, parent, pend);
+                        // Published after its chain's previous block: in
+                        // its run, or as a head. Not if that block is an
+                        // unkeyed copy (a key another block published
+                        // first): a run may then hold this key after the
+                        // other block, which only a walk from the root finds.
+                        // (Nor if a window released it.)
+                        let prev = kb.checked_sub(1).and_then(|k| row.get(k as usize));
+                        let prev_keyed = prev.is_none_or(|&b| p.key_of(b).ok().flatten().is_some())
+                            && (kb == 0 || kb > slot.first_live);
+                        if let Some(&b) = row.get(kb as usize).filter(|_| prev_keyed) {
+                            let _ = p.publish_after(prev.copied(), b, key, parent, pend);
                         }
                         slot.tip = key;
                         slot.keyed_blocks += 1;

@@ -29,6 +29,16 @@ pub struct PoolStats {
     pub allocations: u64,
     /// `allocate` calls refused for lack of blocks.
     pub allocation_failures: u64,
+    /// Blocks that left the index's care for a run's (see the pool's
+    /// runs): a run head stopped being one because the block before it
+    /// lost its key (a run split in two).
+    pub run_splits: u64,
+    /// Allocations whose first fresh block continued the run of a block
+    /// already there (a hit, or the previous chunk of the same prompt).
+    pub run_merges: u64,
+    /// Blocks evicted from inside a run (the run's head stays: a partial
+    /// run eviction, usually its tail).
+    pub run_trims: u64,
 }
 
 impl PoolStats {

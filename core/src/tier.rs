@@ -89,7 +89,8 @@ impl<H: BlockHasher> KvCache<'_, H> {
     /// false): that block goes back free, unkeyed, so a chain is published
     /// only as far as its bytes are whole. Returns how many keys, from the
     /// first, `to` holds afterwards, and how many of those this call
-    /// published. O(1) per key, plus `fill`.
+    /// published. O(1) per key, plus `fill`, and a chain walk per 64 keys
+    /// to release them tail first.
     pub fn import(
         &mut self,
         to: PoolId,
@@ -101,9 +102,11 @@ impl<H: BlockHasher> KvCache<'_, H> {
         // Pass 1: hold each block of the chain (found, or taken and filled),
         // so taking a block never evicts the chain's own head.
         let mut parent = parent;
-        let (mut held, mut published) = (0, 0);
+        let (mut held, mut published) = (0usize, 0);
+        let mut prev = None;
         for (i, &key) in keys.iter().enumerate() {
-            if p.acquire(key).is_none() {
+            prev = p.acquire_after(prev, key);
+            if prev.is_none() {
                 let Ok(b) = p.allocate_one() else {
                     break;
                 };
@@ -120,15 +123,31 @@ impl<H: BlockHasher> KvCache<'_, H> {
                     break;
                 }
                 published += 1;
+                prev = Some(b);
             }
             held += 1;
             parent = Some(key);
         }
         // Pass 2: release, tail first, so the chain's tail is evicted first.
-        for &key in keys.iter().take(held).rev() {
-            if let Some(b) = p.lookup(key) {
-                let _ = p.release(b);
+        // The blocks are found again by pass 1's chain walk, a window at a
+        // time from the tail (no storage; a release changes no key or run of
+        // the blocks before its window, so the walk finds the same blocks).
+        const WINDOW: usize = 64;
+        let mut end = held;
+        while end > 0 {
+            let start = end.saturating_sub(WINDOW);
+            let mut window = [None; WINDOW];
+            let mut prev = None;
+            for (i, &key) in keys.iter().enumerate().take(end) {
+                prev = p.lookup_after(prev, key);
+                if let Some(w) = i.checked_sub(start).and_then(|w| window.get_mut(w)) {
+                    *w = prev;
+                }
             }
+            for b in window.iter().take(end - start).rev().flatten() {
+                let _ = p.release(*b);
+            }
+            end = start;
         }
         Ok((held, published))
     }
@@ -147,22 +166,26 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let keys = keys.get(..self.width.min(keys.len())).unwrap_or(&[]);
         let (sp, dp) = two_pools(&mut self.pools, src, dst)?;
         let dp = dp.ok_or(Error::SamePool(to))?;
-        let start = keys
-            .iter()
-            .position(|&k| dp.lookup(k).is_none())
-            .unwrap_or(keys.len());
-        let found = keys
-            .iter()
-            .skip(start)
-            .take_while(|&&k| sp.lookup(k).is_some())
-            .count();
-        // Room left once the device hits are held (a key repeated among them
-        // is counted twice: the estimate only errs low).
-        let cached_hits = keys
-            .iter()
-            .take(start)
-            .filter(|&&k| dp.lookup(k).is_some_and(|b| dp.is_cached(b) == Ok(true)))
-            .count();
+        // Chain walks (blocks inside runs are found from their parent's).
+        let (mut start, mut cached_hits, mut prev) = (0, 0, None);
+        for &k in keys {
+            prev = dp.lookup_after(prev, k);
+            let Some(b) = prev else { break };
+            start += 1;
+            // Room left once the device hits are held (a key repeated among
+            // them is counted twice: the estimate only errs low).
+            cached_hits += usize::from(dp.is_cached(b) == Ok(true));
+        }
+        let (mut found, mut prev) = (0, None);
+        for (i, &k) in keys.iter().enumerate() {
+            prev = sp.lookup_after(prev, k);
+            if i >= start {
+                if prev.is_none() {
+                    break;
+                }
+                found += 1;
+            }
+        }
         let room = (dp.available() as usize).saturating_sub(cached_hits);
         let m = found.min(room);
         if m == 0 {
@@ -180,15 +203,21 @@ impl<H: BlockHasher> KvCache<'_, H> {
         };
         // Hold the device hits: they stay targets of the plan, copying nothing.
         let hits = sources.iter_mut().zip(targets.iter_mut()).zip(keys);
+        let mut prev = None;
         for ((s, t), &k) in hits.take(start) {
-            let b = dp.lookup(k).unwrap_or(HOLE);
+            prev = dp.lookup_after(prev, k);
+            let b = prev.unwrap_or(HOLE);
             dp.acquire_block(b);
             (*s, *t) = (HOLE, b);
         }
         dp.allocate(targets.get_mut(start..).unwrap_or(&mut []))?;
-        for (s, &k) in sources.iter_mut().zip(keys).skip(start) {
-            *s = sp.lookup(k).unwrap_or(HOLE);
-            sp.acquire_block(*s);
+        let mut prev = None;
+        for (i, (s, &k)) in sources.iter_mut().zip(keys).enumerate() {
+            prev = sp.lookup_after(prev, k);
+            if i >= start {
+                *s = prev.unwrap_or(HOLE);
+                sp.acquire_block(*s);
+            }
         }
         let plan = PlanSlot {
             kind: PlanKind::Promote,
@@ -216,20 +245,29 @@ impl<H: BlockHasher> KvCache<'_, H> {
         let pairs = sources.iter().zip(targets).take(p.len as usize);
         let (sp, dp) = two_pools(&mut self.pools, src, dst)?;
         let dp = dp.ok_or(Error::SamePool(PoolId(p.dst)))?;
-        // Publish, in chain order (a promotion's parent is the previous block).
-        let mut parent = None;
+        // Publish. An offload's blocks are independent (each heads a run);
+        // a promotion's are a chain, walked in the target (`prev` holds the
+        // previous key there; past a key not known, nothing is published).
+        let (mut parent, mut prev) = (None, None);
         for (&s, &t) in pairs.clone() {
+            if p.kind == PlanKind::Offload {
+                if let Some(key) = sp.key_of(s)? {
+                    let _ = dp.register(t, key, None);
+                }
+                continue;
+            }
             let key = if s == HOLE {
                 dp.key_of(t)?
             } else {
-                let key = sp.key_of(s)?;
-                if let Some(key) = key {
-                    let up = (p.kind == PlanKind::Promote).then_some(parent).flatten();
-                    let _ = dp.register(t, key, up);
-                }
-                key
+                sp.key_of(s)?
             };
-            parent = key;
+            let Some(key) = key else { break };
+            prev = if s == HOLE {
+                Some(t)
+            } else {
+                dp.publish_after(prev, t, key, parent, &[]).ok().flatten()
+            };
+            parent = Some(key);
         }
         // Release, tail first; an offloaded block leaves the device.
         for (&s, &t) in pairs.rev() {

@@ -18,7 +18,7 @@
 //! 1–600 operations, 300 on average: over 1,000,000 operations per run).
 #![allow(clippy::cast_possible_truncation, reason = "small test values")]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use pagedkv_core::{
     BlockHash, BlockId, CacheConfig, CacheSalt, Error, Fidelity, KvCache, KvEvent, PlanId, PoolId,
@@ -225,6 +225,8 @@ pub struct Model {
     /// (the first copy stayed the published one, held by another
     /// sequence): no order can keep them behind that parent.
     after_duplicate: std::collections::HashSet<(PoolId, BlockHash)>,
+    /// Keys a prompt repeated (see `AllocateKeys`): they may be held twice.
+    repeated_keys: HashSet<BlockHash>,
     /// Since an operation that releases a chain out of order (a sliding
     /// window, a move, a swap, an offload, a shrink), descendants may
     /// rightly outlive their parents: the eviction check stops for the case.
@@ -303,6 +305,7 @@ impl Model {
             parents: HashMap::new(),
             policy_evictions: 0,
             after_duplicate: std::collections::HashSet::new(),
+            repeated_keys: HashSet::new(),
             reordered: false,
         }
     }
@@ -396,6 +399,23 @@ impl Model {
             }
         }
         assert_eq!(self.cache.len() as usize, self.order.len());
+        // No key is held twice in a pool (runs included), and the pool
+        // counts what it holds.
+        for pool in [DEV[0], DEV[1], HOST] {
+            let p = self.cache.pool(pool).unwrap();
+            let (mut keys, mut held) = (HashSet::new(), 0);
+            for i in 0..p.max_blocks() {
+                if let Some(k) = p.key_of(BlockId(i)).unwrap() {
+                    let again = !keys.insert(k);
+                    assert!(
+                        !again || self.repeated_keys.contains(&k),
+                        "{pool}: {k:?} held twice (again at {i})"
+                    );
+                    held += 1;
+                }
+            }
+            assert_eq!(held, p.indexed_len());
+        }
     }
 
     fn add_seq(&mut self, id: SeqId, m: MSeq) {
@@ -486,14 +506,24 @@ impl Model {
         if self.reordered || !allocates || removed.is_empty() {
             return;
         }
+        // Every key each pool holds (in a run or not).
+        let held: HashSet<(PoolId, BlockHash)> = [DEV[0], DEV[1], HOST]
+            .into_iter()
+            .flat_map(|pool| {
+                let p = self.cache.pool(pool).unwrap();
+                (0..p.max_blocks())
+                    .filter_map(move |i| p.key_of(BlockId(i)).unwrap().map(|k| (pool, k)))
+            })
+            .collect();
         // A key evicted and published again in the same step is not gone.
-        removed.retain(|&(pool, k)| self.cache.pool(pool).unwrap().lookup(k).is_none());
+        removed.retain(|pk| !held.contains(pk));
         self.policy_evictions += removed.len() as u64;
         for (&(pool, k), &parent) in &self.parents {
-            let indexed = self.cache.pool(pool).unwrap().lookup(k).is_some();
+            let indexed = held.contains(&(pool, k));
             if let Some(p) = parent
                 && indexed
                 && !self.after_duplicate.contains(&(pool, k))
+                && !self.repeated_keys.contains(&k)
             {
                 assert!(
                     !removed.contains(&(pool, p)),
@@ -502,6 +532,23 @@ impl Model {
                 );
             }
         }
+    }
+
+    /// The run events of the device pools so far: splits (a run head lost
+    /// its parent's key), merges (an allocation continued a run) and trims
+    /// (a block evicted from inside a run).
+    pub fn run_stats(&self) -> [u64; 3] {
+        let mut r = [0; 3];
+        for pool in DEV {
+            let st = self.cache.pool(pool).unwrap().stats();
+            for (r, v) in r
+                .iter_mut()
+                .zip([st.run_splits, st.run_merges, st.run_trims])
+            {
+                *r += v;
+            }
+        }
+        r
     }
 
     /// Blocks the eviction order chose as victims so far.
@@ -792,7 +839,8 @@ impl Model {
                 match evicted {
                     Some((b, key)) => {
                         assert_eq!(p.cached_len(), before - 1);
-                        assert_eq!(p.lookup(key), None);
+                        assert_eq!(p.key_of(b)?, None);
+                        assert_ne!(p.lookup(key), Some(b));
                         assert_eq!(p.ref_count(b)?, 0);
                     }
                     None => assert_eq!(before, 0),
@@ -807,6 +855,8 @@ impl Model {
                 let info = self.cache.info(seq)?;
                 let h = *self.cache.hasher();
                 let mut tip = pagedkv_core::BlockHasher::root(&h, s.salt);
+                // A chain walk in each pool (run blocks follow their parent's).
+                let mut prev = [None; 3];
                 for i in 0..s.tokens.len() / BS as usize {
                     let t = &s.tokens[i * BS as usize..(i + 1) * BS as usize];
                     tip = pagedkv_core::BlockHasher::hash_block(
@@ -816,8 +866,9 @@ impl Model {
                         i as u32 * BS,
                         &Default::default(),
                     );
-                    for pool in [DEV[0], DEV[1], HOST] {
-                        if let Some(b) = self.cache.pool(pool)?.lookup(tip) {
+                    for (pool, prev) in [DEV[0], DEV[1], HOST].into_iter().zip(&mut prev) {
+                        *prev = self.cache.pool(pool)?.lookup_after(*prev, tip);
+                        if let Some(b) = *prev {
                             // Published KV is always exact.
                             let exact = Content {
                                 lossy: false,
@@ -896,12 +947,14 @@ impl Model {
             } => {
                 let tokens = self.base(base, prefix);
                 let mut keys = raw_keys(&tokens);
+                let mut repeated = None;
                 if let Some((i, j)) = dup
                     && keys.len() >= 2
                 {
                     let i = i as usize % keys.len();
                     let j = j as usize % keys.len();
                     keys[i.max(j)] = keys[i.min(j)];
+                    repeated = Some(i.max(j)).filter(|_| i != j);
                 }
                 let salt = salt_of(salt);
                 let pool = dev_pool(dev);
@@ -919,6 +972,15 @@ impl Model {
                     tokens,
                     lossy: false,
                 };
+                // A key repeated in one prompt is not a chain key (it has two
+                // parents), nor are those after it: a run may hold them
+                // besides their first copies.
+                let table = self.cache.table(a.seq)?;
+                for &b in table.iter().skip(repeated.unwrap_or(table.len())) {
+                    if let Some(k) = self.cache.pool(pool)?.key_of(b)? {
+                        self.repeated_keys.insert(k);
+                    }
+                }
                 self.add_seq(a.seq, m);
                 self.check_hits_then_write(a.seq, pool, a.hit_blocks)
             }

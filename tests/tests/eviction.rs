@@ -15,7 +15,8 @@
 use std::collections::HashMap;
 
 use pagedkv_core::{
-    BlockHash, CacheConfig, EvictionPolicy, KvCache, KvEvent, PoolId, Prompt, SeqId, SipBlockHasher,
+    BlockHash, BlockId, CacheConfig, EvictionPolicy, KvCache, KvEvent, PoolId, Prompt, SeqId,
+    SipBlockHasher,
 };
 use pagedkv_tests::cache_with;
 use proptest::prelude::*;
@@ -160,12 +161,15 @@ impl World {
         }
         let pool = self.cache.pool(POOL).unwrap();
         pool.check_invariants().unwrap();
+        let held: std::collections::HashSet<BlockHash> = (0..pool.max_blocks())
+            .filter_map(|i| pool.key_of(BlockId(i)).unwrap())
+            .collect();
         for (&k, &p) in &self.parent {
-            if pool.lookup(k).is_some()
+            if held.contains(&k)
                 && let Some(p) = p
             {
                 assert!(
-                    pool.lookup(p).is_some(),
+                    held.contains(&p),
                     "block {k:?} is indexed but its parent {p:?} was evicted ({:?})",
                     pool.eviction_policy()
                 );

@@ -61,6 +61,7 @@ fn cache_matches_model() {
     use std::sync::atomic::{AtomicU64, Ordering};
     static OPS: AtomicU64 = AtomicU64::new(0);
     static EVICTIONS: AtomicU64 = AtomicU64::new(0);
+    static RUNS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
     let config = Config {
         cases: cases().unwrap_or(3_500),
         max_shrink_iters: 20_000,
@@ -81,6 +82,9 @@ fn cache_matches_model() {
             m.drain();
             OPS.fetch_add(ops.len() as u64, Ordering::Relaxed);
             EVICTIONS.fetch_add(m.policy_evictions(), Ordering::Relaxed);
+            for (total, n) in RUNS.iter().zip(m.run_stats()) {
+                total.fetch_add(n, Ordering::Relaxed);
+            }
             Ok(())
         },
     );
@@ -89,11 +93,18 @@ fn cache_matches_model() {
     }
     let ops = OPS.load(Ordering::Relaxed);
     let evictions = EVICTIONS.load(Ordering::Relaxed);
+    let [splits, merges, trims] = RUNS.each_ref().map(|n| n.load(Ordering::Relaxed));
     println!(
-        "model test: {ops} operations checked; {evictions} evictions checked against descendants"
+        "model test: {ops} operations checked; {evictions} evictions checked against descendants; \
+         runs: {splits} splits, {merges} merges, {trims} blocks evicted from inside a run"
     );
     if cases().is_none() {
         assert!(ops >= 1_000_000, "only {ops} operations");
+        // The operations cover every change of a run.
+        assert!(
+            splits >= 1_000 && merges >= 1_000 && trims >= 1_000,
+            "runs: {splits} splits, {merges} merges, {trims} trims"
+        );
     }
 }
 

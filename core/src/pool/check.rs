@@ -1,17 +1,18 @@
 //! The pool's invariant check, and its unit tests.
 
 use super::order::{class_of, prev_of};
-use super::{BlockPool, CACHED, FREE, Invariant, NIL, ensure};
-use crate::ids::BlockId;
+use super::{BlockPool, BlockSlot, CACHED, FREE, Invariant, NIL, ensure};
 
 impl BlockPool<'_> {
     /// Checks, in O(capacity): the free stack holds exactly the free blocks;
     /// the eviction order is a well-linked list of exactly the cached blocks;
     /// free + cached + used = capacity; every keyed block is indexed and
-    /// reachable under its key, and every index entry names a block carrying it.
+    /// reachable under its key, or inside a run (after a keyed block, not
+    /// indexed), and every index entry names a block carrying it.
     pub fn check_invariants(&self) -> Result<(), Invariant> {
         let cap = self.max_blocks();
         let (mut free, mut cached, mut keyed, mut held) = (0u32, 0u32, 0u32, 0u32);
+        let mut in_runs = 0u32;
         for (i, s) in self.slots.iter().enumerate() {
             let i = i as u32;
             match s.state() {
@@ -35,11 +36,25 @@ impl BlockPool<'_> {
                     held += 1;
                 }
             }
-            if s.is_keyed() {
-                keyed += 1;
-                let found = self.lookup(s.key());
+            if s.in_run() {
+                // Inside a run: keyed, after a keyed block, not indexed.
+                in_runs += 1;
+                ensure(s.is_keyed(), "run mark on an unkeyed block", Some(i))?;
+                let before = i.checked_sub(1).and_then(|p| self.at(p));
                 ensure(
-                    found == Some(BlockId(i)),
+                    before.is_some_and(BlockSlot::is_keyed),
+                    "run block after an unkeyed one",
+                    Some(i),
+                )?;
+                ensure(
+                    !self.index.contains(s.key(), i),
+                    "run block indexed",
+                    Some(i),
+                )?;
+            } else if s.is_keyed() {
+                keyed += 1;
+                ensure(
+                    self.index.contains(s.key(), i),
                     "keyed block not indexed",
                     Some(i),
                 )?;
@@ -50,6 +65,7 @@ impl BlockPool<'_> {
         ensure(self.stats.blocks_total == self.online, "total blocks", None)?;
         ensure(cached == self.evict_len, "cached count", None)?;
         ensure(keyed == self.index.len(), "index size", None)?;
+        ensure(in_runs == self.in_runs, "run block count", None)?;
         // Free stack.
         let (mut n, mut i) = (0u32, self.free_head);
         while i != NIL {

@@ -204,8 +204,9 @@ impl BlockPool<'_> {
     /// Pins the block under `key` for the allocation being planned. `None`
     /// when the key is not indexed, or its block was already pinned by this
     /// walk (a key repeated in one prompt ends the match there).
-    pub(crate) fn pin_hit(&mut self, key: BlockHash) -> Option<BlockId> {
-        let b = self.lookup(key)?;
+    /// `prev` is the walk's previous hit (the chain is walked through runs).
+    pub(crate) fn pin_hit(&mut self, prev: Option<BlockId>, key: BlockHash) -> Option<BlockId> {
+        let b = self.lookup_after(prev, key)?;
         let s = self.at(b.0)?;
         match s.state() {
             CACHED => {

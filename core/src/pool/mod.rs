@@ -35,6 +35,7 @@ mod check;
 mod lists;
 mod ops;
 mod order;
+mod runs;
 
 pub use order::{EvictionPolicy, Retention};
 
@@ -46,14 +47,17 @@ use crate::stats::PoolStats;
 use crate::storage::Slots;
 
 const STATE_SHIFT: u32 = 30;
-const LINK_MASK: u32 = (1 << STATE_SHIFT) - 1;
+/// A keyed block inside a run: block `i - 1` carries its chain parent, and
+/// it is found from there rather than through the hash index (see `runs`).
+const RUN_BIT: u32 = 1 << (STATE_SHIFT - 1);
+const LINK_MASK: u32 = RUN_BIT - 1;
 const NIL: u32 = LINK_MASK;
 const FREE: u32 = 0;
 const CACHED: u32 = 1;
 const USED: u32 = 2;
 const USED_KEYED: u32 = 3;
 
-/// Largest number of blocks in one pool (ids must fit in 30 bits).
+/// Largest number of blocks in one pool (ids must fit in 29 bits).
 pub const MAX_BLOCKS: u32 = NIL - 1;
 
 /// Per-block metadata. Opaque; exposed so firmware can declare storage
@@ -85,9 +89,21 @@ impl BlockSlot {
     fn next(&self) -> u32 {
         self.b & LINK_MASK
     }
+    /// Sets the state and link. A block keeps its run mark unless it
+    /// becomes free (pins and list moves of a run's blocks keep it).
     #[inline]
     fn set(&mut self, state: u32, next: u32) {
-        self.b = (state << STATE_SHIFT) | next;
+        let run = if state == FREE { 0 } else { self.b & RUN_BIT };
+        self.b = (state << STATE_SHIFT) | run | next;
+    }
+    /// Inside a run (not in the hash index; see `runs`).
+    #[inline]
+    fn in_run(&self) -> bool {
+        self.b & RUN_BIT != 0
+    }
+    #[inline]
+    fn set_in_run(&mut self, on: bool) {
+        self.b = (self.b & !RUN_BIT) | if on { RUN_BIT } else { 0 };
     }
     #[inline]
     fn key(&self) -> BlockHash {
@@ -227,6 +243,8 @@ pub struct BlockPool<'a> {
     /// `policy` is not LRU.
     ranked: bool,
     held: u32,
+    /// Keyed blocks inside runs (not in the hash index).
+    in_runs: u32,
     stats: PoolStats,
     events: EventQueue<'a>,
 }
@@ -280,6 +298,7 @@ impl<'a> BlockPool<'a> {
             policy: EvictionPolicy::LRU,
             ranked: false,
             held: 0,
+            in_runs: 0,
             stats: PoolStats {
                 blocks_total: capacity,
                 ..PoolStats::default()
@@ -372,10 +391,11 @@ impl<'a> BlockPool<'a> {
     pub fn available(&self) -> u32 {
         self.free_len + self.evict_len
     }
-    /// Keys in the prefix index.
+    /// Keyed blocks: those in the hash index and those inside runs (found
+    /// through their chain).
     #[inline]
     pub fn indexed_len(&self) -> u32 {
-        self.index.len()
+        self.index.len() + self.in_runs
     }
 
     /// Counters and gauges.
@@ -426,16 +446,5 @@ impl<'a> BlockPool<'a> {
     /// Whether `b` is cached (keyed, no holder, in the eviction order).
     pub fn is_cached(&self, b: BlockId) -> Result<bool> {
         Ok(self.slot(b)?.state() == CACHED)
-    }
-
-    /// The key of block `i` leaves the index, and the event says so.
-    #[inline(never)]
-    fn drop_key(&mut self, i: u32) {
-        let Some(key) = self.at(i).map(BlockSlot::key) else {
-            return;
-        };
-        let removed = self.index.remove(key, i);
-        debug_assert!(removed);
-        self.events.removed(self.config.id, self.config.kind, key);
     }
 }

@@ -3,6 +3,7 @@
 
 use super::lists::{COUNT_MASK, MAX_HOLDERS, SHARED_BIT};
 use super::order::Retention;
+use super::runs::Prev;
 use super::{BlockPool, BlockSlot, CACHED, FREE, NIL, Registered, USED, USED_KEYED};
 use crate::error::{Error, Result};
 use crate::events::KvEvent;
@@ -58,7 +59,9 @@ impl BlockPool<'_> {
         // The free stack first, with its head and counts in registers (the
         // loop carries nothing through memory but the links themselves).
         let popped = self.pop_free_into(out);
-        for o in out.iter_mut().skip(popped) {
+        // Evicted blocks fill the rest from its end: a finished sequence's
+        // blocks are cached tail first, so its run comes back in id order.
+        for o in out.iter_mut().skip(popped).rev() {
             // Cannot fail after the check unless the lists are broken.
             *o = BlockId(self.take().unwrap_or(NIL));
         }
@@ -68,26 +71,57 @@ impl BlockPool<'_> {
     /// [`allocate`](Self::allocate), publishing each of the first `keyed`
     /// fresh blocks at once under the key `key(k)` gives it (key, chain
     /// parent, token ids), in order: allocate and register fused for the
-    /// blocks a prompt missed. A key already indexed leaves its block
-    /// unkeyed, as [`register`](Self::register) does. All or nothing.
+    /// blocks a prompt missed, each as by
+    /// [`publish_after`](Self::publish_after) (`prev`: the block holding the
+    /// first key's parent). All or nothing.
     pub(crate) fn allocate_keyed<'t>(
         &mut self,
+        prev: Option<BlockId>,
         out: &mut [BlockId],
         keyed: usize,
         mut key: impl FnMut(usize) -> (BlockHash, Option<BlockHash>, &'t [u32]),
     ) -> Result<()> {
         self.allocate(out)?;
+        let (mut prev, mut ours) = (prev, None);
         for (k, &b) in out.iter().take(keyed).enumerate() {
             let (key, parent, tokens) = key(k);
-            self.publish(b.0, key, parent, tokens);
+            let whence = match k {
+                0 => Prev::Found,
+                _ if prev == ours => Prev::Published,
+                _ => Prev::Other,
+            };
+            prev = self.publish_chained(prev, b, key, parent, tokens, whence)?;
+            ours = Some(b);
         }
         Ok(())
+    }
+
+    /// Publishes block `i`, held and unkeyed, under `key` inside the run of
+    /// block `i - 1` (which carries `parent`: the caller checked): no index
+    /// entry.
+    #[inline]
+    pub(super) fn publish_in_run(
+        &mut self,
+        i: u32,
+        key: BlockHash,
+        parent: Option<BlockHash>,
+        tokens: &[u32],
+    ) {
+        if let Some(s) = self.at_mut(i) {
+            s.set_key(key);
+            s.set(USED_KEYED, 0);
+            s.set_in_run(true);
+            self.in_runs += 1;
+        }
+        let c = &self.config;
+        self.events
+            .stored((c.id, c.kind, c.tokens_per_block), parent, key, tokens);
     }
 
     /// Publishes block `i`, held and unkeyed (the caller checked), under
     /// `key`.
     #[inline]
-    fn publish(
+    pub(super) fn publish(
         &mut self,
         i: u32,
         key: BlockHash,
@@ -218,7 +252,12 @@ impl BlockPool<'_> {
 
     // ---- prefix index -----------------------------------------------------
 
-    /// The block cached or held under `key`, without taking it. O(1) expected.
+    /// The block cached or held under `key`, without taking it, where a
+    /// run begins: a block inside a run (published by an allocation after
+    /// the block of its chain parent) is found from that block, with
+    /// [`lookup_after`](Self::lookup_after) or
+    /// [`match_prefix`](Self::match_prefix). Blocks published by
+    /// [`register`](Self::register) always begin a run. O(1) expected.
     #[inline]
     pub fn lookup(&self, key: BlockHash) -> Option<BlockId> {
         let slots = &self.slots;
@@ -231,11 +270,20 @@ impl BlockPool<'_> {
             .map(BlockId)
     }
 
-    /// A prefix hit: the block under `key` gains a holder (leaving the
-    /// eviction order if it was cached). O(1) expected.
+    /// A prefix hit: the block under `key` (found as by
+    /// [`lookup`](Self::lookup)) gains a holder (leaving the eviction order
+    /// if it was cached). O(1) expected.
     #[inline]
     pub fn acquire(&mut self, key: BlockHash) -> Option<BlockId> {
-        let b = self.lookup(key)?;
+        self.acquire_after(None, key)
+    }
+
+    /// [`acquire`](Self::acquire) of the block found by
+    /// [`lookup_after`](Self::lookup_after)`(prev, key)`: the next hit of a
+    /// chain walk. O(1) expected.
+    #[inline]
+    pub fn acquire_after(&mut self, prev: Option<BlockId>, key: BlockHash) -> Option<BlockId> {
+        let b = self.lookup_after(prev, key)?;
         self.acquire_block(b).then_some(b)
     }
 
@@ -309,9 +357,11 @@ impl BlockPool<'_> {
         for s in self.slots.iter_mut() {
             if s.state() == USED_KEYED {
                 s.set(USED, 0);
+                s.set_in_run(false);
             }
         }
         self.index.clear();
+        self.in_runs = 0;
         self.events.cleared(self.config.id);
     }
 

@@ -30,7 +30,7 @@ impl<B: ManagedBackend> KvManager<B> {
         let plan = {
             let mut inner = lock(&self.shared.inner);
             let p = inner.cache.pool(pool)?;
-            let hits = keys.iter().take_while(|&&k| p.lookup(k).is_some()).count();
+            let hits = p.match_prefix(keys);
             let short = (blocks as usize)
                 .saturating_sub(hits)
                 .saturating_sub(p.free_len() as usize);

@@ -129,14 +129,18 @@ impl<B: ManagedBackend> KvManager<B> {
         let start = {
             let inner = lock(&self.shared.inner);
             let pools = &self.shared.pools;
-            let on = |p: Option<PoolId>, k| {
-                p.and_then(|p| inner.cache.pool(p).ok())
-                    .is_some_and(|p| p.lookup(k).is_some())
-            };
-            let dev = Some(pools.device(pp.device));
+            let pool = |p: Option<PoolId>| p.and_then(|p| inner.cache.pool(p).ok());
+            let (dev, host) = (pool(Some(pools.device(pp.device))), pool(pools.host()));
+            // One chain walk per tier (blocks inside runs are found from
+            // their parent's).
+            let (mut on_dev, mut on_host) = (None, None);
             pp.keys
                 .iter()
-                .take_while(|&&k| on(dev, k) || on(pools.host(), k))
+                .take_while(|&&k| {
+                    on_dev = dev.and_then(|p| p.lookup_after(on_dev, k));
+                    on_host = host.and_then(|p| p.lookup_after(on_host, k));
+                    on_dev.is_some() || on_host.is_some()
+                })
                 .count()
         };
         let rest = &pp.keys[start..];
@@ -239,11 +243,7 @@ impl<B: ManagedBackend> KvManager<B> {
             // fetched blocks must be on the host tier (held by the import),
             // else the fetched blocks would be published without a parent.
             let device = inner.cache.pool(self.shared.pools.device(d))?;
-            let lo = keys
-                .iter()
-                .take_while(|&&k| device.lookup(k).is_some())
-                .count()
-                .min(end);
+            let lo = device.match_prefix(keys).min(end);
             let parent = lo.checked_sub(1).and_then(|i| keys.get(i)).copied();
             let start = p.start;
             let (_, published) = inner.cache.import(host, parent, &keys[lo..end], |i, b| {
