@@ -29,6 +29,8 @@ pub struct ExportedRow {
     len: u32,
     stride: u32,
     pad: i32,
+    /// Where the row starts in a concatenated export (FlashInfer's indices).
+    at: u32,
 }
 
 /// The seed's block table: an owned snapshot of a sequence's blocks.
@@ -253,6 +255,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
                 len,
                 stride,
                 pad,
+                at: 0,
             };
         }
         Ok(whole)
@@ -324,12 +327,51 @@ impl<H: BlockHasher> KvCache<'_, H> {
         indices: &mut [i32],
         last_page_len: &mut [i32],
     ) -> Result<usize> {
+        self.flashinfer(seqs, indptr, indices, last_page_len, &mut [])
+    }
+
+    /// [`export_flashinfer`](Self::export_flashinfer) into the buffers kept
+    /// from the last call with the same `rows` (one per sequence): a
+    /// sequence whose blocks only grew since, at the same place in
+    /// `indices`, gets only its new indices written (a decode step writes
+    /// `indptr` and `last_page_len`, and a block per sequence every
+    /// `tokens_per_block` steps). `rows` of `Default` rewrite everything.
+    pub fn export_flashinfer_since(
+        &self,
+        seqs: &[SeqId],
+        indptr: &mut [i32],
+        indices: &mut [i32],
+        last_page_len: &mut [i32],
+        rows: &mut [ExportedRow],
+    ) -> Result<usize> {
+        check_out(seqs.len(), rows.len())?;
+        let done = self.flashinfer(seqs, indptr, indices, last_page_len, rows);
+        if done.is_err() {
+            // Whatever was written, nothing is known to be: all rewritten next.
+            rows.fill(ExportedRow::default());
+        }
+        // Rows past this batch may have had their indices overwritten.
+        rows.get_mut(seqs.len()..)
+            .unwrap_or(&mut [])
+            .fill(ExportedRow::default());
+        done
+    }
+
+    /// Both FlashInfer exports (`rows` empty: everything written).
+    fn flashinfer(
+        &self,
+        seqs: &[SeqId],
+        indptr: &mut [i32],
+        indices: &mut [i32],
+        last_page_len: &mut [i32],
+        rows: &mut [ExportedRow],
+    ) -> Result<usize> {
         check_out(seqs.len() + 1, indptr.len())?;
         check_out(seqs.len(), last_page_len.len())?;
         let fit = self.ids_fit_i32();
         let bs = self.bs;
         // The written blocks past the window of each sequence.
-        let live_of = |s: SeqId| -> Result<(&[BlockId], u32)> {
+        let live_of = |s: SeqId| -> Result<(&[BlockId], u32, u32)> {
             let (slot, t) = self.slot_table(s)?;
             let pages = slot.tokens / bs + u32::from(slot.tokens % bs != 0);
             let live = t
@@ -340,11 +382,11 @@ impl<H: BlockHasher> KvCache<'_, H> {
             } else {
                 slot.tokens - (pages - 1) * bs.get()
             };
-            Ok((live, last))
+            Ok((live, last, slot.edits))
         };
         let mut total = 0usize;
         for &s in seqs {
-            let (live, _) = live_of(s)?;
+            let (live, ..) = live_of(s)?;
             total += live.len();
             if !fit {
                 for &b in live {
@@ -360,13 +402,31 @@ impl<H: BlockHasher> KvCache<'_, H> {
             *p = 0;
         }
         let ptrs = indptr.get_mut(1..).unwrap_or(&mut []);
-        for ((&s, p), last) in seqs.iter().zip(ptrs).zip(last_page_len.iter_mut()) {
-            let (live, last_len) = live_of(s)?;
+        let each = seqs.iter().zip(ptrs).zip(last_page_len.iter_mut());
+        for (i, ((&s, p), last)) in each.enumerate() {
+            let (live, last_len, edits) = live_of(s)?;
+            let (len, at) = (live.len() as u32, k as u32);
+            // Written at the same place, and only grown since: the rest.
+            let from = match rows.get_mut(i) {
+                Some(r) => {
+                    let same = r.seq == Some(s) && r.edits == edits && r.at == at && r.len <= len;
+                    let from = if same { r.len as usize } else { 0 };
+                    *r = ExportedRow {
+                        seq: Some(s),
+                        edits,
+                        len,
+                        at,
+                        ..ExportedRow::default()
+                    };
+                    from
+                }
+                None => 0,
+            };
             // Sized above: `total` entries fit.
             let dst = indices
-                .get_mut(k..k + live.len())
+                .get_mut(k + from..k + live.len())
                 .ok_or(Error::LengthOverflow)?;
-            for (o, &b) in dst.iter_mut().zip(live) {
+            for (o, &b) in dst.iter_mut().zip(live.get(from..).unwrap_or(&[])) {
                 *o = b.0 as i32;
             }
             k += live.len();

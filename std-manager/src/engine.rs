@@ -148,6 +148,9 @@ pub struct KernelTables {
     /// only what changed (on a decode step: a new block now and then).
     /// Clear it if `block_tables` is changed by anything else.
     pub exported: Vec<pagedkv_core::ExportedRow>,
+    /// What each item's span of `indices` holds, likewise. Clear it if
+    /// `indices` is changed by anything else.
+    pub exported_indices: Vec<pagedkv_core::ExportedRow>,
 }
 
 /// Which tier an event happened in.

@@ -161,6 +161,14 @@ fn incremental_block_tables_equal_the_full_export_after_any_operations() {
     let mut out = vec![i32::MIN; MAX_SEQS * WIDTH];
     let mut rows = vec![ExportedRow::default(); MAX_SEQS];
     let (mut whole, mut appended, mut refused, mut empty) = (0usize, 0usize, 0usize, 0usize);
+    // FlashInfer's buffers and rows, kept across exports likewise.
+    let mut fi = (
+        vec![0; MAX_SEQS + 1],
+        vec![i32::MIN; MAX_SEQS * WIDTH],
+        vec![0; MAX_SEQS],
+    );
+    let mut fi_rows = vec![ExportedRow::default(); MAX_SEQS];
+    let mut fi_refused = 0usize;
     let steps = if cfg!(miri) { 300 } else { 30_000 };
     for _ in 0..steps {
         // Several operations between two exports, now and then (a shrink
@@ -220,8 +228,34 @@ fn incremental_block_tables_equal_the_full_export_after_any_operations() {
             }
             Err(_) => refused += 1,
         }
+        // FlashInfer's indices, now and then into too small a buffer.
+        let cap = if rng.below(25) == 0 {
+            1
+        } else {
+            MAX_SEQS * WIDTH
+        };
+        let m = batch.len();
+        let mut full = (vec![0; m + 1], vec![i32::MAX; cap], vec![0; m]);
+        let expect = c.export_flashinfer(&batch, &mut full.0, &mut full.1, &mut full.2);
+        let got = c.export_flashinfer_since(
+            &batch,
+            &mut fi.0[..=m],
+            &mut fi.1[..cap],
+            &mut fi.2[..m],
+            &mut fi_rows,
+        );
+        assert_eq!(expect, got);
+        match got {
+            Ok(k) => {
+                assert_eq!(fi.0[..=m], full.0[..], "indptr differs");
+                assert_eq!(fi.1[..k], full.1[..k], "indices differ");
+                assert_eq!(fi.2[..m], full.2[..], "last page lengths differ");
+            }
+            Err(_) => fi_refused += 1,
+        }
         c.check_invariants().unwrap();
     }
+    assert!(fi_refused > 0 || cfg!(miri), "no refused FlashInfer export");
     // Both paths ran, many times.
     let least = steps / 10;
     assert!(

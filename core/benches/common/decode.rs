@@ -4,7 +4,7 @@
 //! 496-token prompts each append one known token, then the vLLM block
 //! tables (into the matrix kept from the last step, as vLLM's persistent
 //! block table: only what changed is written) and slot mapping and the
-//! FlashInfer tables of the batch are exported; sequences restart
+//! FlashInfer tables of the batch (likewise) are exported; sequences restart
 //! (untimed) every 256 steps.
 
 use std::hint::black_box;
@@ -62,6 +62,7 @@ pub(crate) struct Decode {
     pub(crate) step: u32,
     block_tables: Vec<i32>,
     exported: Vec<ExportedRow>,
+    flashinfer: Vec<ExportedRow>,
     slots: Vec<i64>,
     indptr: Vec<i32>,
     indices: Vec<i32>,
@@ -89,6 +90,7 @@ impl Decode {
             step: 0,
             block_tables: Vec::new(),
             exported: vec![ExportedRow::default(); SEQS],
+            flashinfer: vec![ExportedRow::default(); SEQS],
             slots: vec![0; SEQS],
             indptr: vec![0; SEQS + 1],
             indices: Vec::new(),
@@ -138,11 +140,12 @@ impl Decode {
             let last = c.info(s).unwrap().tokens - 1;
             c.export_slots(s, last, 1, &mut self.slots[k..]).unwrap();
         }
-        c.export_flashinfer(
+        c.export_flashinfer_since(
             &self.seqs,
             &mut self.indptr,
             &mut self.indices,
             &mut self.last,
+            &mut self.flashinfer,
         )
         .unwrap();
         black_box((&self.block_tables, &self.slots, &self.indices));

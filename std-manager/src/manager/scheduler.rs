@@ -158,6 +158,7 @@ impl<B: ManagedBackend> KvManager<B> {
             tables.last_page_len.clear();
             tables.slot_mapping.clear();
             tables.exported.clear();
+            tables.exported_indices.clear();
             tables.max_blocks = 0;
         }
         r
@@ -228,6 +229,10 @@ impl<B: ManagedBackend> KvManager<B> {
         tables
             .exported
             .resize(n, pagedkv_core::ExportedRow::default());
+        tables.exported_indices.truncate(n);
+        tables
+            .exported_indices
+            .resize(n, pagedkv_core::ExportedRow::default());
         tables.slot_mapping.clear();
         tables.slot_mapping.resize(slots, 0);
         tables.indptr.clear();
@@ -255,13 +260,14 @@ impl<B: ManagedBackend> KvManager<B> {
             .filter_map(|&s| c.info(s).ok())
             .map(|i| (i.tokens.div_ceil(c.config().tokens_per_block) - i.first_live) as usize)
             .sum();
-        tables.indices.clear();
+        // Kept like the block tables: only the spans that changed are written.
         tables.indices.resize(pages, 0);
-        c.export_flashinfer(
+        c.export_flashinfer_since(
             seqs,
             &mut tables.indptr,
             &mut tables.indices,
             &mut tables.last_page_len,
+            &mut tables.exported_indices,
         )?;
         Ok(())
     }

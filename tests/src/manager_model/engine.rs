@@ -211,7 +211,10 @@ impl ManagerModel {
             // A later item's room may have preempted an earlier one.
             assert!(off_device, "export refused: {e}");
             assert!(
-                t.block_tables.is_empty() && t.exported.is_empty() && t.indices.is_empty(),
+                t.block_tables.is_empty()
+                    && t.exported.is_empty()
+                    && t.exported_indices.is_empty()
+                    && t.indices.is_empty(),
                 "a refused export left rows behind"
             );
             return;
