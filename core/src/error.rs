@@ -80,7 +80,8 @@ pub enum Error {
     NotOnDevice(SeqId),
     /// Source and target pool of a move are the same.
     SamePool(PoolId),
-    /// The target of a swap out is not a host pool, or of a swap in not a device pool.
+    /// The target of a swap out, an offload or an import is not a host pool,
+    /// or of a swap in not a device pool.
     WrongPoolKind(PoolId),
     /// A `PoolId` not registered in this cache.
     UnknownPool(PoolId),

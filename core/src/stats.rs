@@ -29,15 +29,15 @@ pub struct PoolStats {
     pub allocations: u64,
     /// `allocate` calls refused for lack of blocks.
     pub allocation_failures: u64,
-    /// Blocks that left the index's care for a run's (see the pool's
-    /// runs): a run head stopped being one because the block before it
-    /// lost its key (a run split in two).
+    /// Runs split in two: a block inside a run became a run head (entered
+    /// the hash index) because the block before it lost its key.
     pub run_splits: u64,
-    /// Allocations whose first fresh block continued the run of a block
-    /// already there (a hit, or the previous chunk of the same prompt).
+    /// Allocations whose first fresh block continued the run of their last
+    /// prefix hit (merged into it).
     pub run_merges: u64,
-    /// Blocks evicted from inside a run (the run's head stays: a partial
-    /// run eviction, usually its tail).
+    /// Blocks that lost their key inside a run (evicted, shrunk away or
+    /// released past capacity) while the block before them kept theirs: a
+    /// partial run eviction, usually from its tail.
     pub run_trims: u64,
 }
 

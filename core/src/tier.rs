@@ -27,8 +27,9 @@ impl<H: BlockHasher> KvCache<'_, H> {
     /// Plans copying up to `max` cached blocks of pool `from`, least recently
     /// used first, to pool `to`, skipping those whose key `skip` names (the
     /// prompt about to hit them) and those `to` holds already. `None`:
-    /// nothing to offload (nothing changed). The sources leave `from`'s
-    /// eviction order until the plan ends. O(blocks walked).
+    /// nothing to offload (nothing changed). `to` must be a host pool. The
+    /// sources leave `from`'s eviction order until the plan ends. O(blocks
+    /// walked).
     pub fn offload(
         &mut self,
         from: PoolId,
@@ -37,6 +38,10 @@ impl<H: BlockHasher> KvCache<'_, H> {
         skip: impl Fn(BlockHash) -> bool,
     ) -> Result<Option<PlanId>> {
         let (src, dst) = self.tier_pools(from, to)?;
+        // A host pool: it is asked by key alone which blocks it holds.
+        if self.pool(to)?.kind() != crate::PoolKind::Host {
+            return Err(Error::WrongPoolKind(to));
+        }
         let pi = self.plans.vacant().ok_or(Error::TooManyPlans {
             capacity: self.plans.capacity(),
         })?;
@@ -89,8 +94,7 @@ impl<H: BlockHasher> KvCache<'_, H> {
     /// false): that block goes back free, unkeyed, so a chain is published
     /// only as far as its bytes are whole. Returns how many keys, from the
     /// first, `to` holds afterwards, and how many of those this call
-    /// published. O(1) per key, plus `fill`, and a chain walk per 64 keys
-    /// to release them tail first.
+    /// published. `to` must be a host pool. O(1) per key, plus `fill`.
     pub fn import(
         &mut self,
         to: PoolId,
@@ -99,14 +103,16 @@ impl<H: BlockHasher> KvCache<'_, H> {
         mut fill: impl FnMut(usize, crate::BlockId) -> bool,
     ) -> Result<(usize, usize)> {
         let p = self.pool_mut(to)?;
+        // A host pool: every block is found by its key (no runs).
+        if p.kind() != crate::PoolKind::Host {
+            return Err(Error::WrongPoolKind(to));
+        }
         // Pass 1: hold each block of the chain (found, or taken and filled),
         // so taking a block never evicts the chain's own head.
         let mut parent = parent;
-        let (mut held, mut published) = (0usize, 0);
-        let mut prev = None;
+        let (mut held, mut published) = (0, 0);
         for (i, &key) in keys.iter().enumerate() {
-            prev = p.acquire_after(prev, key);
-            if prev.is_none() {
+            if p.acquire(key).is_none() {
                 let Ok(b) = p.allocate_one() else {
                     break;
                 };
@@ -123,31 +129,15 @@ impl<H: BlockHasher> KvCache<'_, H> {
                     break;
                 }
                 published += 1;
-                prev = Some(b);
             }
             held += 1;
             parent = Some(key);
         }
         // Pass 2: release, tail first, so the chain's tail is evicted first.
-        // The blocks are found again by pass 1's chain walk, a window at a
-        // time from the tail (no storage; a release changes no key or run of
-        // the blocks before its window, so the walk finds the same blocks).
-        const WINDOW: usize = 64;
-        let mut end = held;
-        while end > 0 {
-            let start = end.saturating_sub(WINDOW);
-            let mut window = [None; WINDOW];
-            let mut prev = None;
-            for (i, &key) in keys.iter().enumerate().take(end) {
-                prev = p.lookup_after(prev, key);
-                if let Some(w) = i.checked_sub(start).and_then(|w| window.get_mut(w)) {
-                    *w = prev;
-                }
+        for &key in keys.iter().take(held).rev() {
+            if let Some(b) = p.lookup(key) {
+                let _ = p.release(b);
             }
-            for b in window.iter().take(end - start).rev().flatten() {
-                let _ = p.release(*b);
-            }
-            end = start;
         }
         Ok((held, published))
     }

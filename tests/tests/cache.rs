@@ -498,4 +498,16 @@ fn imported_blocks_are_published_only_as_far_as_their_bytes_are_whole() {
     c.check_invariants().unwrap();
     // An unknown pool is refused.
     assert!(c.import(PoolId(9), None, &keys, |_, _| true).is_err());
+    // So is a device pool (asked by key alone, its runs would be missed),
+    // for an import as for an offload, changing nothing.
+    let before = pagedkv_tests::fingerprint(&c, true);
+    assert_eq!(
+        c.import(GPU, None, &keys, |_, _| true),
+        Err(pagedkv_core::Error::WrongPoolKind(GPU))
+    );
+    assert_eq!(
+        c.offload(HOST, GPU, 4, |_| false),
+        Err(pagedkv_core::Error::WrongPoolKind(GPU))
+    );
+    assert_eq!(pagedkv_tests::fingerprint(&c, true), before);
 }

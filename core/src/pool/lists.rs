@@ -70,7 +70,8 @@ impl BlockPool<'_> {
         if to >= self.online {
             return Ok(());
         }
-        for i in to..self.online {
+        // Highest first: a run loses its tail before its head (no splits).
+        for i in (to..self.online).rev() {
             if self.at(i).is_some_and(|s| s.state() == CACHED) {
                 self.evict_unlink(i);
                 self.drop_key(i);

@@ -22,13 +22,14 @@
 //! and `next` links while the block is in a list (the top two bits of `prev`
 //! hold a cached block's eviction class), the reference count while it is
 //! held (with a pin bit and a shared bit; the top two bits of the second word
-//! hold the state). The prefix
-//! index adds 1.5 entries of 4 bytes per block. Total: **30 bytes per block**,
+//! hold the state, the next one marks a block inside a run: see `runs`). The
+//! prefix index adds 1.5 entries of 4 bytes per block (sized for every block
+//! heading its own run, as on host pools). Total: **30 bytes per block**,
 //! counted by `size_of::<BlockSlot>() + 4 * buckets_for(n) / n` (see the
 //! `metadata_bytes_per_block` test; small pools round up to whole buckets).
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "block indices fit in 30 bits: the constructor refuses pools over MAX_BLOCKS; key halves are split on purpose"
+    reason = "block indices fit in 29 bits: the constructor refuses pools over MAX_BLOCKS; key halves are split on purpose"
 )]
 
 mod check;
@@ -68,7 +69,7 @@ pub struct BlockSlot {
     key_hi: u64,
     /// `prev` link (in a list) or reference count (held).
     a: u32,
-    /// State in the top two bits; `next` link in the rest.
+    /// State in the top two bits, the run mark, `next` link in the rest.
     b: u32,
 }
 

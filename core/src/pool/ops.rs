@@ -88,9 +88,13 @@ impl BlockPool<'_> {
             let whence = match k {
                 0 => Prev::Found,
                 _ if prev == ours => Prev::Published,
-                _ => Prev::Other,
+                // The copy that held the previous key already.
+                _ => Prev::Walked,
             };
-            prev = self.publish_chained(prev, b, key, parent, tokens, whence)?;
+            // Cannot fail: `b` was just allocated (held, unkeyed).
+            prev = self
+                .publish_chained(prev, b, key, parent, tokens, whence)
+                .unwrap_or(None);
             ours = Some(b);
         }
         Ok(())
@@ -288,10 +292,12 @@ impl BlockPool<'_> {
     }
 
     /// Publishes a held, unkeyed block under `key` (its content is complete
-    /// and immutable from now on). `parent` is the chain parent, for events.
-    /// If `key` is already indexed the block stays unkeyed
-    /// ([`Registered::Duplicate`]): two sequences that computed the same block
-    /// at once never corrupt the index. O(1) expected.
+    /// and immutable from now on), heading a run. `parent` is the chain
+    /// parent, for events. If `key` is already indexed the block stays
+    /// unkeyed ([`Registered::Duplicate`]): two sequences that computed the
+    /// same block at once never corrupt the index. On a device pool a key
+    /// held inside a run is not indexed: publish a chain's blocks with
+    /// [`publish_after`](Self::publish_after), which walks it. O(1) expected.
     pub fn register(
         &mut self,
         b: BlockId,

@@ -16,7 +16,7 @@
 //! # Cost
 //!
 //! No byte per block: a cached block's class lives in the two top bits of
-//! its `prev` link (links are 30 bits). Push, unlink and victim are O(1)
+//! its `prev` link (links are 29 bits). Push, unlink and victim are O(1)
 //! (three list heads); a push into `High` past its cap moves one block down.
 //!
 //! # Never before a descendant
@@ -40,7 +40,7 @@
 //!   tail of `Normal`: children leave `High` before their parents.
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "class indices are 0..3 and links fit in 30 bits"
+    reason = "class indices are 0..3 and links fit in 29 bits"
 )]
 
 use super::{BlockPool, CACHED, LINK_MASK, NIL};

@@ -98,7 +98,7 @@ impl BlockPool<'_> {
         parent: Option<BlockHash>,
         tokens: &[u32],
     ) -> Result<Option<BlockId>> {
-        self.publish_chained(prev, b, key, parent, tokens, Prev::Found)
+        self.publish_chained(prev, b, key, parent, tokens, Prev::Walked)
     }
 
     /// Publishes held, unkeyed blocks under a chain's keys, from its first
@@ -237,14 +237,13 @@ impl BlockPool<'_> {
 /// Where the `prev` of a chained publication comes from.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Prev {
-    /// Found by the caller's walk (or given): continuing its run is a merge.
+    /// An allocation's last prefix hit: continuing its run is a merge.
     Found,
+    /// Found by the caller's walk, or given.
+    Walked,
     /// Published just before by the same allocation (unkeyed until then, so
     /// no run continued it).
     Published,
-    /// The copy that held the previous key when this allocation published
-    /// it again.
-    Other,
 }
 
 impl BlockSlot {
