@@ -128,10 +128,13 @@ impl BlockPool<'_> {
         tokens: &[u32],
         whence: Prev,
     ) -> Result<Option<BlockId>> {
-        match self.slot(b)?.state() {
-            USED => {}
-            USED_KEYED => return Err(Error::AlreadyRegistered(b)),
-            _ => return Err(Error::BlockNotInUse(b)),
+        // An allocation publishes the blocks it just took (held, unkeyed).
+        if whence == Prev::Walked {
+            match self.slot(b)?.state() {
+                USED => {}
+                USED_KEYED => return Err(Error::AlreadyRegistered(b)),
+                _ => return Err(Error::BlockNotInUse(b)),
+            }
         }
         // One index probe either way: a run block looks its key up, a head's
         // insert finds it.
