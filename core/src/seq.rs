@@ -143,7 +143,8 @@ impl<H: BlockHasher> KvCache<'_, H> {
         // The fresh blocks the prompt fills are published as they are taken.
         let keyed = chain.matchable().min(placed_full).max(hits);
         let mut next_key = first_miss;
-        p.allocate_keyed(last, fresh_row, (keyed - hits) as usize, |k| {
+        let runs = chain.by_ids();
+        p.allocate_keyed(last, fresh_row, (keyed - hits) as usize, runs, |k| {
             let at = hits + k as u32;
             let key = next_key.take().unwrap_or_else(|| chain.key(at, tip));
             let parent = (at > 0).then_some(tip);

@@ -225,8 +225,6 @@ pub struct Model {
     /// (the first copy stayed the published one, held by another
     /// sequence): no order can keep them behind that parent.
     after_duplicate: std::collections::HashSet<(PoolId, BlockHash)>,
-    /// Keys a prompt repeated (see `AllocateKeys`): they may be held twice.
-    repeated_keys: HashSet<BlockHash>,
     /// Since an operation that releases a chain out of order (a sliding
     /// window, a move, a swap, an offload, a shrink), descendants may
     /// rightly outlive their parents: the eviction check stops for the case.
@@ -305,7 +303,6 @@ impl Model {
             parents: HashMap::new(),
             policy_evictions: 0,
             after_duplicate: std::collections::HashSet::new(),
-            repeated_keys: HashSet::new(),
             reordered: false,
         }
     }
@@ -406,11 +403,7 @@ impl Model {
             let (mut keys, mut held) = (HashSet::new(), 0);
             for i in 0..p.max_blocks() {
                 if let Some(k) = p.key_of(BlockId(i)).unwrap() {
-                    let again = !keys.insert(k);
-                    assert!(
-                        !again || self.repeated_keys.contains(&k),
-                        "{pool}: {k:?} held twice (again at {i})"
-                    );
+                    assert!(keys.insert(k), "{pool}: {k:?} held twice (again at {i})");
                     held += 1;
                 }
             }
@@ -523,7 +516,6 @@ impl Model {
             if let Some(p) = parent
                 && indexed
                 && !self.after_duplicate.contains(&(pool, k))
-                && !self.repeated_keys.contains(&k)
             {
                 assert!(
                     !removed.contains(&(pool, p)),
@@ -947,14 +939,12 @@ impl Model {
             } => {
                 let tokens = self.base(base, prefix);
                 let mut keys = raw_keys(&tokens);
-                let mut repeated = None;
                 if let Some((i, j)) = dup
                     && keys.len() >= 2
                 {
                     let i = i as usize % keys.len();
                     let j = j as usize % keys.len();
                     keys[i.max(j)] = keys[i.min(j)];
-                    repeated = Some(i.max(j)).filter(|_| i != j);
                 }
                 let salt = salt_of(salt);
                 let pool = dev_pool(dev);
@@ -972,15 +962,6 @@ impl Model {
                     tokens,
                     lossy: false,
                 };
-                // A key repeated in one prompt is not a chain key (it has two
-                // parents), nor are those after it: a run may hold them
-                // besides their first copies.
-                let table = self.cache.table(a.seq)?;
-                for &b in table.iter().skip(repeated.unwrap_or(table.len())) {
-                    if let Some(k) = self.cache.pool(pool)?.key_of(b)? {
-                        self.repeated_keys.insert(k);
-                    }
-                }
                 self.add_seq(a.seq, m);
                 self.check_hits_then_write(a.seq, pool, a.hit_blocks)
             }

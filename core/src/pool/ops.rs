@@ -73,12 +73,15 @@ impl BlockPool<'_> {
     /// parent, token ids), in order: allocate and register fused for the
     /// blocks a prompt missed, each as by
     /// [`publish_after`](Self::publish_after) (`prev`: the block holding the
-    /// first key's parent). All or nothing.
+    /// first key's parent), and with `runs` (keys the cache hashed: a chain
+    /// where no key repeats) each block that follows the block carrying its
+    /// parent joins that block's run. All or nothing.
     pub(crate) fn allocate_keyed<'t>(
         &mut self,
         prev: Option<BlockId>,
         out: &mut [BlockId],
         keyed: usize,
+        runs: bool,
         mut key: impl FnMut(usize) -> (BlockHash, Option<BlockHash>, &'t [u32]),
     ) -> Result<()> {
         self.allocate(out)?;
@@ -86,6 +89,7 @@ impl BlockPool<'_> {
         for (k, &b) in out.iter().take(keyed).enumerate() {
             let (key, parent, tokens) = key(k);
             let whence = match k {
+                _ if !runs => Prev::Walked,
                 0 => Prev::Found,
                 _ if prev == ours => Prev::Published,
                 // The copy that held the previous key already.

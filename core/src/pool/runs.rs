@@ -1,7 +1,8 @@
 //! Runs: the prefix index works per run of blocks, not per block.
 //!
-//! When an allocation publishes a prompt's missed blocks (see
-//! `allocate_keyed`), a block whose id follows the block that carries its
+//! When an allocation publishes the missed blocks of a prompt given as token
+//! ids (see `allocate_keyed`: the cache hashed the keys, so no key repeats
+//! in the chain), a block whose id follows the block that carries its
 //! chain parent is marked *in a run* (`RUN_BIT`) and does not enter the hash
 //! index: it is found from its predecessor, by comparing the next slot's key
 //! ([`lookup_after`](BlockPool::lookup_after)). Only the block where a run
@@ -85,8 +86,8 @@ impl BlockPool<'_> {
     /// chain walk: `prev` holds the chain's previous key (`None`: the chain
     /// starts here, or no block holds its previous key). If a block holds
     /// `key` already (found after `prev`, or by its key) `b` stays unkeyed
-    /// and that block is returned; else `b` joins `prev`'s run if it follows
-    /// it (`b = prev + 1`), or starts a run, and `b` is returned. `None`:
+    /// and that block is returned; else `b` is published heading a run, and
+    /// returned. `None`:
     /// the index had no room (`b` stays unkeyed). `parent` and `tokens` are
     /// for the stored event. Walking chains this way, a key is never held
     /// twice. O(1) expected.
@@ -145,7 +146,8 @@ impl BlockPool<'_> {
         if let Some(j) = look.filter(|&j| self.at(j).is_some_and(|s| s.carries(key))) {
             return Ok(Some(BlockId(j)));
         }
-        if after == Some(b.0) && self.continues_run(b.0, parent) {
+        // Runs form only from an allocation's chain of cache-hashed keys.
+        if whence != Prev::Walked && after == Some(b.0) && self.continues_run(b.0, parent) {
             if let Some(other) = self.lookup(key) {
                 return Ok(Some(other));
             }
@@ -242,7 +244,9 @@ impl BlockPool<'_> {
 pub(super) enum Prev {
     /// An allocation's last prefix hit: continuing its run is a merge.
     Found,
-    /// Found by the caller's walk, or given.
+    /// Found by the caller's walk, or given: the block is published as a
+    /// run head (keys not hashed by the cache may repeat in one chain, and
+    /// a repeated key must end a prefix match rather than hit a second copy).
     Walked,
     /// Published just before by the same allocation (unkeyed until then, so
     /// no run continued it).
@@ -273,7 +277,7 @@ mod tests {
     fn chain(p: &mut BlockPool<'_>, prev: Option<BlockId>, from: u32, len: usize) -> [BlockId; 8] {
         let mut out = [BlockId(u32::MAX); 8];
         let out_len = out.len().min(len);
-        p.allocate_keyed(prev, &mut out[..out_len], len, |k| {
+        p.allocate_keyed(prev, &mut out[..out_len], len, true, |k| {
             let at = from + k as u32;
             let parent = (at > 0).then(|| key(at - 1));
             (key(at), parent, &[])
