@@ -89,9 +89,8 @@ impl BlockPool<'_> {
         for (k, &b) in out.iter().take(keyed).enumerate() {
             let (key, parent, tokens) = key(k);
             let whence = match k {
-                _ if !runs => Prev::Walked,
-                0 => Prev::Found,
-                _ if prev == ours => Prev::Published,
+                0 => Prev::Found { runs },
+                _ if prev == ours => Prev::Published { runs },
                 // The copy that held the previous key already.
                 _ => Prev::Walked,
             };

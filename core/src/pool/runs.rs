@@ -130,7 +130,7 @@ impl BlockPool<'_> {
         whence: Prev,
     ) -> Result<Option<BlockId>> {
         // An allocation publishes the blocks it just took (held, unkeyed).
-        if whence == Prev::Walked {
+        if matches!(whence, Prev::Walked) {
             match self.slot(b)?.state() {
                 USED => {}
                 USED_KEYED => return Err(Error::AlreadyRegistered(b)),
@@ -142,16 +142,20 @@ impl BlockPool<'_> {
         // The block after `prev` needs no look when `prev` was unkeyed until
         // the caller published it (no run then continued it).
         let after = prev.map(|p| p.0.wrapping_add(1));
-        let look = after.filter(|_| whence != Prev::Published);
+        let look = after.filter(|_| !matches!(whence, Prev::Published { .. }));
         if let Some(j) = look.filter(|&j| self.at(j).is_some_and(|s| s.carries(key))) {
             return Ok(Some(BlockId(j)));
         }
         // Runs form only from an allocation's chain of cache-hashed keys.
-        if whence != Prev::Walked && after == Some(b.0) && self.continues_run(b.0, parent) {
+        let runs = matches!(
+            whence,
+            Prev::Found { runs: true } | Prev::Published { runs: true }
+        );
+        if runs && after == Some(b.0) && self.continues_run(b.0, parent) {
             if let Some(other) = self.lookup(key) {
                 return Ok(Some(other));
             }
-            self.stats.run_merges += u64::from(whence == Prev::Found);
+            self.stats.run_merges += u64::from(matches!(whence, Prev::Found { .. }));
             self.publish_in_run(b.0, key, parent, tokens);
             return Ok(Some(b));
         }
@@ -243,14 +247,15 @@ impl BlockPool<'_> {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Prev {
     /// An allocation's last prefix hit: continuing its run is a merge.
-    Found,
+    /// `runs`: the allocation's keys were hashed by the cache (runs may form).
+    Found { runs: bool },
     /// Found by the caller's walk, or given: the block is published as a
     /// run head (keys not hashed by the cache may repeat in one chain, and
     /// a repeated key must end a prefix match rather than hit a second copy).
     Walked,
     /// Published just before by the same allocation (unkeyed until then, so
     /// no run continued it).
-    Published,
+    Published { runs: bool },
 }
 
 impl BlockSlot {
